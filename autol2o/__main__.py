@@ -1,0 +1,3 @@
+from autol2o.cli import main
+
+main()

@@ -1,0 +1,81 @@
+"""The ``autol2o`` command line: a thin layer over the library.
+
+Data goes to stdout, progress and logs to stderr.  Errors that are the user's to fix
+(:class:`autol2o.errors.UserError` and friends) print one line and exit non-zero; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from autol2o.errors import UserError
+
+app = typer.Typer(
+    name="autol2o",
+    help="Train your model with a learned optimizer and prove whether it beats tuned Adam/SGD.",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+_state = {"debug": False}
+
+
+@app.callback(invoke_without_command=True)
+def _root(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False,
+) -> None:
+    _state["debug"] = debug
+    if ctx.invoked_subcommand is None:
+        typer.echo(ctx.get_help())
+
+
+def _register() -> None:
+    from autol2o.cli import fit as fit_cli
+    from autol2o.cli import zoo as zoo_cli
+
+    app.add_typer(zoo_cli.app, name="zoo")
+    fit_cli.register(app)
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: runs the app and turns user errors into one-line messages."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as exc:
+        if debug:
+            raise
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        typer.echo("interrupted", err=True)
+        raise SystemExit(130) from None
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            raise SystemExit(exc.exit_code) from None
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            raise SystemExit(exc.exit_code) from None
+        if isinstance(exc, click.exceptions.Abort):
+            typer.echo("aborted", err=True)
+            raise SystemExit(1) from None
+        if debug:
+            raise
+        typer.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                   err=True)
+        raise SystemExit(1) from None

@@ -1,0 +1,77 @@
+"""What every learned update rule shares: meta-weights, per-coordinate state, a config.
+
+A rule is an ``nn.Module`` holding only meta-weights.  Its optimizer state is kept apart, in a
+plain dict of tensors whose *coordinate* axis is given by :attr:`LearnedRule.state_layout`, so the
+same rule serves a ``torch.optim`` adapter (state per parameter), the meta-trainer (state for B
+optimizee instances at once) and the zoo (weights only).  The update contract is::
+
+    update, new_state = rule(grad, state)      # grad: flat (N,), detached
+    theta_new = theta + update
+
+Two modes, one code path:
+
+* **differentiable** (autograd on): new state tensors are returned and the graph reaches the
+  meta-weights through the update and the recurrent state; gradients ``grad`` are always detached,
+  so second derivatives are dropped (as in both papers);
+* **inference** (``torch.no_grad()``): state tensors are updated in place, and the network is
+  evaluated in row chunks of :attr:`LearnedRule.chunk_size` so activations stay in cache.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+State = dict[str, Tensor]
+
+
+class LearnedRule(nn.Module):
+    """Base class of learned update rules (see module docstring for the contract)."""
+
+    #: registry key, e.g. ``"rnnprop"``
+    name: ClassVar[str] = ""
+    #: coordinate axis of each state tensor (``step`` is special: scalar or ``(N,)``)
+    state_layout: ClassVar[dict[str, int]] = {}
+    #: rows per network call in inference mode; ``0`` means all rows at once
+    chunk_size: int = 32768
+
+    def init_state(self, n: int, *, device: torch.device | str | None = None,
+                   dtype: torch.dtype = torch.float32) -> State:
+        """Zero state for ``n`` coordinates."""
+        raise NotImplementedError
+
+    def config(self) -> dict[str, Any]:
+        """Constructor arguments plus ``rule``: enough to rebuild the module with :func:`build_rule`."""
+        raise NotImplementedError
+
+    def state_floats_per_coordinate(self) -> int:
+        """Optimizer-state floats stored per parameter coordinate (excluding the step counter)."""
+        st = self.init_state(1)
+        return sum(t.numel() for k, t in st.items() if k != "step")
+
+    @staticmethod
+    def differentiable() -> bool:
+        return torch.is_grad_enabled()
+
+    def _chunks(self, n: int) -> list[slice]:
+        size = self.chunk_size if self.chunk_size > 0 else n
+        return [slice(s, min(s + size, n)) for s in range(0, n, max(size, 1))]
+
+
+RULES: dict[str, type[LearnedRule]] = {}
+
+
+def register(cls: type[LearnedRule]) -> type[LearnedRule]:
+    RULES[cls.name] = cls
+    return cls
+
+
+def build_rule(config: dict[str, Any]) -> LearnedRule:
+    """Rebuild a rule (random meta-weights) from :meth:`LearnedRule.config` output."""
+    cfg = dict(config)
+    name = cfg.pop("rule", None)
+    if name not in RULES:
+        raise ValueError(f"unknown learned rule {name!r}; known: {', '.join(sorted(RULES))}")
+    return RULES[name](**cfg)
