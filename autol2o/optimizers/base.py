@@ -35,7 +35,7 @@ class LearnedRule(nn.Module):
     #: coordinate axis of each state tensor (``step`` is special: scalar or ``(N,)``)
     state_layout: ClassVar[dict[str, int]] = {}
     #: rows per network call in inference mode; ``0`` means all rows at once
-    chunk_size: int = 32768
+    chunk_size: int = 8192
 
     def init_state(self, n: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype = torch.float32) -> State:

@@ -75,8 +75,9 @@ def dm_update(net: DMOptimizer, grad: Tensor, state: State, *,
         return update, {"h": h, "c": c, "step": step}
     h, c = state["h"], state["c"]
     update = torch.empty_like(feats[:, 0])
+    fast = net.lstm.fast_weights()
     for rows in net._chunks(feats.shape[0]):
-        y = net.lstm.forward_into(feats[rows], h[:, rows], c[:, rows])
+        y = net.lstm.forward_into(feats[rows], h[:, rows], c[:, rows], fast)
         update[rows] = net.output(y).squeeze(-1)
     update.mul_(net.out_scale)
     state["step"] = step

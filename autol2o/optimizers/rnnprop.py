@@ -100,9 +100,10 @@ def rnnprop_update(net: RNNprop, grad: Tensor, state: State, *,
         return update, {"m": m, "v": v, "h": h, "c": c, "step": step}
     h, c = state["h"], state["c"]
     update = torch.empty_like(grad)
+    fast = net.lstm.fast_weights()
     for rows in net._chunks(grad.shape[0]):
         x = F.elu(net.input(feats[rows]))
-        y = net.lstm.forward_into(x, h[:, rows], c[:, rows])
+        y = net.lstm.forward_into(x, h[:, rows], c[:, rows], fast)
         update[rows] = net.output(y).squeeze(-1)
     update.tanh_().mul_(-net.out_scale)
     state["m"].copy_(m)
