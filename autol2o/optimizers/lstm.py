@@ -97,8 +97,7 @@ class CoordinateLSTM(nn.Module):
             i, f, o = sig[:, :hid], sig[:, hid : 2 * hid], sig[:, 2 * hid :]
             g = gates[:, 3 * hid :]
             c_l.mul_(f).addcmul_(i, g)
-            x = torch.tanh(c_l).mul_(o)
-            h_l.copy_(x)
+            x = torch.mul(torch.tanh(c_l), o, out=h_l)  # h' written straight into the state
         return x
 
     def reference(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,0 +1,50 @@
+"""Glue between ``autol2o zoo train`` and the trainer: meta-train, then write a zoo entry."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..optimizers.base import RULES, build_rule
+from .tasks import build_task
+from .trainer import TrainConfig, _world, meta_train
+
+
+def train_to_zoo(rule_name: str, task_names: list[str], config: TrainConfig, out: Path,
+                 data_dir: Path | None, device: str, resume: bool, command: str) -> Path:
+    """Meta-train a fresh ``rule_name`` rule on ``task_names`` and save it as zoo entry ``out``.
+
+    The checkpoint lives in ``out/checkpoint/`` while training (``resume=True`` continues from
+    it) and is removed once the entry is written.  Validation (if ``config.validate_every``) uses
+    the training tasks on held-out instance seeds.  Under ``torchrun`` only rank 0 writes.
+    Returns ``out``.
+    """
+    from ..zoo import save_entry
+
+    if rule_name not in RULES:
+        raise UserError(f"unknown learned rule {rule_name!r}; known: {', '.join(sorted(RULES))}")
+    if not task_names:
+        raise UserError("give at least one training task (--task NAME)")
+    out = Path(out)
+    torch.manual_seed(config.seed)  # the rule's random init is part of "seeds for everything"
+    rule = build_rule({"rule": rule_name})
+    tasks = [build_task(name, data_dir, device) for name in task_names]
+    ckpt = out / "checkpoint"
+    result = meta_train(rule, tasks, config, device=device, checkpoint_dir=ckpt, resume=resume,
+                        progress=True)
+    rank, _ = _world()
+    if rank != 0:
+        return out
+    card = {
+        "name": out.name,
+        "description": f"{rule_name} meta-trained on {', '.join(task_names)}",
+        "trained_on": list(task_names),
+        **result.card_fields,
+        "command": command,
+    }
+    save_entry(result.rule.cpu(), out, card, overwrite=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return out

@@ -1,0 +1,444 @@
+"""Meta-training: truncated backpropagation through time over batched optimizee runs.
+
+One *run* optimizes B fresh instances of a task for ``horizon`` steps with the learned rule.
+Every ``unroll`` = T steps the run is cut: the meta-loss of those T steps is backpropagated into
+the rule's meta-weights (one *meta-iteration*, one Adam step), then parameters and rule state are
+detached and the run goes on.  With theta_{t+1} = theta_t + rule(g_t, s_t):
+
+    "last" (RNNprop):  L = f(theta_{t0+T})                 (loss at the last step of the unroll)
+    "mean" (DM):       L = (1/T) sum_{k=1..T} f(theta_{t0+k})
+
+averaged over the B instances.  Gradients g_t are computed without a graph (second derivatives
+dropped, as in both papers).  Tricks (Lv et al. 2017):
+
+* random scaling: per run and coordinate c = exp(U(-r, r)); the optimizee is f(c * theta) started
+  from theta0 / c (same values, gradient scales spread over e^{2r});
+* convex combination: append k = 20 parameters x (start 0) and add
+  mean(clip((c_x * x - a)^2, 0, 10)) with a ~ U(-1, 1)^k and c_x = exp(U(-1, 1)) per run.
+
+Determinism: every random draw comes from a generator seeded from ``config.seed`` (the run
+sampler) or from per-instance seeds, all saved in checkpoints, so ``resume=True`` after a kill
+continues bit-for-bit like an uninterrupted run.  Under ``torchrun`` each rank runs its own
+instances (sampler seed offset by rank) and meta-gradients are averaged with ``all_reduce``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ..errors import UserError
+from ..optimizers.base import LearnedRule, State
+from .evaluate import evaluate, loss_and_grad
+from .tasks import Task, convex_term, generators, mix_seed
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Meta-training hyperparameters (defaults: the RNNprop paper's setup)."""
+
+    horizon: int = 100            #: optimizee steps per run
+    unroll: int = 20              #: steps per truncated-BPTT segment (one meta-update)
+    iterations: int = 1000        #: meta-updates in total
+    meta_lr: float = 1e-4         #: Adam learning rate on the meta-weights
+    batch: int = 8                #: optimizee instances per run (B), served by one rule call
+    meta_loss: str = "last"       #: "last" (RNNprop) or "mean" (DMoptimizer)
+    random_scaling: float = 0.0   #: r of the random scaling trick; 0 disables it (paper: 3)
+    convex_combination: bool = False  #: add the convex-combination term
+    convex_dim: int = 20          #: extra parameters of the convex term
+    grad_clip: float | None = None    #: max global norm of the meta-gradient (None: no clipping)
+    #: curriculum over horizons: ``(from_iteration, horizon)`` pairs (a new run uses the last
+    #: pair that has started), or plain horizons ``[h1, h2, ...]`` given equal iteration shares
+    curriculum: tuple[tuple[int, int], ...] | list[int] | None = ()
+    seed: int = 0
+    validate_every: int = 0       #: meta-iterations between validations (0: never)
+    val_runs: int = 8
+    val_steps: int | None = None  #: optimizee steps of a validation run (default: horizon)
+    val_seed: int = 10_000        #: same validation instances every time
+    checkpoint_every: int = 0     #: meta-iterations between checkpoints (0: only at the end)
+
+    def __post_init__(self):
+        if self.meta_loss not in ("last", "mean"):
+            raise UserError(f"meta_loss must be 'last' or 'mean', got {self.meta_loss!r}")
+        if min(self.horizon, self.unroll, self.batch) < 1 or self.iterations < 0:
+            raise UserError("horizon, unroll and batch must be >= 1 and iterations >= 0")
+        cur = list(self.curriculum or ())
+        if cur and all(isinstance(h, int) for h in cur):
+            share = self.iterations / len(cur)
+            cur = [(round(i * share), h) for i, h in enumerate(cur)]
+        self.curriculum = tuple((int(a), int(b)) for a, b in cur)
+
+    def horizon_at(self, iteration: int) -> int:
+        h = self.horizon
+        for start, hor in self.curriculum:
+            if iteration >= start:
+                h = hor
+        return h
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["curriculum"] = [list(p) for p in self.curriculum]
+        return d
+
+
+@dataclass
+class MetaTrainResult:
+    rule: LearnedRule             #: best meta-weights (by validation; final ones without it)
+    history: list[dict[str, Any]]
+    diverged: int                 #: runs dropped because the loss or meta-gradient was not finite
+    wall_time: float
+    card_fields: dict[str, Any] = field(default_factory=dict)
+    best_val: float | None = None
+    best_iteration: int | None = None
+
+
+class Objective:
+    """A task with the tricks applied, for one run of B instances (see module docstring)."""
+
+    def __init__(self, task: Task, gens: list[torch.Generator], config: TrainConfig):
+        self.task, self.n_task = task, task.n_params
+        dev = task.device
+        r = config.random_scaling
+        self.scale = None
+        if r > 0:
+            self.scale = torch.stack([torch.exp((torch.rand(self.n_task, generator=g) * 2 - 1) * r)
+                                      for g in gens]).to(dev)
+        self.k = config.convex_dim if config.convex_combination else 0
+        if self.k:
+            self.a = torch.stack([torch.rand(self.k, generator=g) * 2 - 1 for g in gens]).to(dev)
+            self.c_x = torch.stack([torch.exp(torch.rand(self.k, generator=g) * 2 - 1)
+                                    for g in gens]).to(dev)
+        self.n_params = self.n_task + self.k
+
+    def initial(self, theta0: Tensor) -> Tensor:
+        theta = theta0 / self.scale if self.scale is not None else theta0
+        if self.k:
+            theta = torch.cat((theta, theta.new_zeros(theta.shape[0], self.k)), 1)
+        return theta
+
+    def loss(self, theta: Tensor, batch: Any) -> Tensor:
+        th = theta[:, :self.n_task] if self.k else theta
+        if self.scale is not None:
+            th = th * self.scale
+        loss = self.task.loss(th, batch)
+        if self.k:
+            loss = loss + convex_term(self.c_x * theta[:, self.n_task:], self.a)
+        return loss
+
+
+class _Run:
+    """An optimizee run in progress: B instances of one task, their rule state and position."""
+
+    def __init__(self, tasks: list[Task], rule: LearnedRule, config: TrainConfig,
+                 task_index: int, seeds: list[int], horizon: int):
+        self.task_index, self.seeds, self.horizon = task_index, seeds, horizon
+        task = tasks[task_index]
+        gens = generators(seeds)
+        theta0 = task.init_params(gens)
+        self.plan = task.make_plan(gens)
+        self.objective = Objective(task, gens, config)
+        self.task = task
+        self.theta = self.objective.initial(theta0)
+        self.state: State = rule.init_state(self.theta.numel(), device=self.theta.device,
+                                            dtype=self.theta.dtype)
+        self.t = 0
+        self.loss, self.grad = loss_and_grad(self.objective.loss, self.theta,
+                                             task.batch(self.plan, 0))
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"task_index": self.task_index, "seeds": list(self.seeds),
+                "horizon": self.horizon, "t": self.t, "theta": self.theta.cpu(),
+                "state": {k: v.cpu() for k, v in self.state.items()},
+                "loss": self.loss.cpu(), "grad": self.grad.cpu()}
+
+    @classmethod
+    def restore(cls, snap, tasks, rule, config) -> _Run:
+        run = cls(tasks, rule, config, snap["task_index"], snap["seeds"], snap["horizon"])
+        dev = run.theta.device
+        run.t = snap["t"]
+        run.theta, run.loss, run.grad = (snap[k].to(dev) for k in ("theta", "loss", "grad"))
+        run.state = {k: v.to(dev) for k, v in snap["state"].items()}
+        return run
+
+    @property
+    def done(self) -> bool:
+        return self.t >= self.horizon
+
+    def unroll(self, rule: LearnedRule, steps: int, meta_loss: str) -> Tensor:
+        """Advance ``steps`` optimizee steps with a graph to the meta-weights; return the
+        per-instance meta-loss ``(B,)``.  The run's tensors are left detached."""
+        theta, state, grad = self.theta, self.state, self.grad
+        terms = []
+        for i in range(steps):
+            update, state = rule(grad.reshape(-1), state)
+            theta = theta + update.view_as(theta)
+            self.t += 1
+            batch = self.task.batch(self.plan, self.t)
+            if meta_loss == "mean" or i == steps - 1:
+                loss = self.objective.loss(theta, batch)
+                # d loss / d theta only (not through the rule): the gradient fed to the rule
+                (grad,) = torch.autograd.grad(loss.sum(), theta, retain_graph=True)
+                terms.append(loss)
+            else:
+                loss, grad = loss_and_grad(self.objective.loss, theta, batch)
+        self.theta = theta.detach()
+        self.state = {k: v.detach() for k, v in state.items()}
+        self.grad, self.loss = grad.detach(), terms[-1].detach()
+        return terms[-1] if meta_loss == "last" else torch.stack(terms).mean(0)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rng_states() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                      *[float(v) if isinstance(v, float) else int(v) for v in np_state[2:]]]}
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    py = states["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, key, *rest = states["numpy"]
+    np.random.set_state((name, key.numpy().astype(np.uint32), *rest))
+
+
+def hardware_info(device: torch.device | str) -> dict[str, Any]:
+    device = torch.device(device)
+    info = {"torch": torch.__version__, "device": str(device), "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(), "platform": platform.platform(),
+            "python": platform.python_version()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def _sync_grads(rule: LearnedRule, ok: bool, world: int) -> bool:
+    """Average meta-gradients over ranks that produced a finite one; ``True`` if any did."""
+    params = [p for p in rule.parameters()]
+    if world == 1:
+        return ok
+    flat = torch.cat([(p.grad if ok and p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                      for p in params] + [torch.ones(1, device=params[0].device) * float(ok)])
+    dist.all_reduce(flat)
+    count = float(flat[-1])
+    if count == 0:
+        return False
+    pos = 0
+    for p in params:
+        n = p.numel()
+        p.grad = (flat[pos:pos + n] / count).view_as(p).clone()
+        pos += n
+    return True
+
+
+def _validate(rule: LearnedRule, val_tasks: list[Task], config: TrainConfig,
+              horizon: int) -> float:
+    steps = config.val_steps or horizon
+    losses = [evaluate(rule, t, steps, config.val_runs, config.val_seed).final_loss
+              for t in val_tasks]
+    return float(np.mean(losses))
+
+
+def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig, *,
+               device: torch.device | str = "cpu", checkpoint_dir: Path | None = None,
+               resume: bool = False, progress: bool = True,
+               val_tasks: list[Task] | None = None) -> MetaTrainResult:
+    """Meta-train ``rule`` in place on ``tasks`` (see module docstring).
+
+    Returns the best meta-weights by validation (``val_tasks``, default: the training tasks on
+    held-out instance seeds) when ``config.validate_every > 0``, else the final ones.  With
+    ``checkpoint_dir``, a checkpoint is written every ``config.checkpoint_every`` iterations and at
+    the end (rank 0 only); ``resume=True`` continues from it exactly.
+    """
+    tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
+    if not tasks:
+        raise UserError("meta_train needs at least one task")
+    device = torch.device(device)
+    rank, world = _world()
+    rule.to(device)
+    for t in tasks:
+        t.to(device)
+    val_tasks = [t.to(device) for t in (val_tasks if val_tasks is not None else tasks)]
+    if world > 1:  # every rank starts from rank 0's meta-weights
+        for p in rule.parameters():
+            dist.broadcast(p.data, 0)
+    meta_opt = torch.optim.Adam(rule.parameters(), lr=config.meta_lr)
+    sampler = torch.Generator().manual_seed(mix_seed(config.seed, 0x5A3, rank))
+    iteration, diverged, elapsed = 0, 0, 0.0
+    history: list[dict[str, Any]] = []
+    best: dict[str, Any] = {"val": None, "iteration": None, "weights": None}
+    run: _Run | None = None
+
+    ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    if resume and ckpt_path is not None and ckpt_path.is_file():
+        try:
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a user-facing error
+            raise UserError(f"{ckpt_path}: cannot load checkpoint ({exc})") from None
+        saved = {k: v for k, v in ck["config"].items() if k not in _RESUMABLE}
+        now = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}
+        if saved != now:
+            diff = sorted(k for k in now if saved.get(k) != now[k])
+            raise UserError(f"{ckpt_path}: checkpoint was made with a different config "
+                            f"({', '.join(diff)}); use a new checkpoint directory")
+        if len(ck["sampler"]) != world:
+            raise UserError(f"{ckpt_path}: checkpoint was made with {len(ck['sampler'])} "
+                            f"process(es), this run has {world}")
+        rule.load_state_dict(ck["rule"])
+        meta_opt.load_state_dict(ck["meta_opt"])
+        sampler.set_state(ck["sampler"][rank])
+        iteration, diverged, elapsed = ck["iteration"], ck["diverged"], ck["wall_time"]
+        history = list(ck["history"])
+        best = dict(ck["best"])
+        if ck["runs"][rank] is not None:
+            run = _Run.restore(ck["runs"][rank], tasks, rule, config)
+        _set_rng_states(ck["rng"])
+
+    def save_checkpoint() -> None:
+        snaps = [run.snapshot() if run is not None else None]
+        states = [sampler.get_state()]
+        if world > 1:  # rank 0 needs every rank's run and sampler to resume them all
+            gathered: list[Any] = [None] * world
+            dist.all_gather_object(gathered, (snaps[0], states[0]))
+            snaps, states = [g[0] for g in gathered], [g[1] for g in gathered]
+        if rank != 0 or ckpt_path is None:
+            return
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ckpt_path.with_suffix(".tmp")
+        torch.save({"config": config.to_dict(), "rule": rule.state_dict(),
+                    "meta_opt": meta_opt.state_dict(), "sampler": states, "runs": snaps,
+                    "iteration": iteration, "diverged": diverged,
+                    "wall_time": elapsed + time.perf_counter() - t_start, "history": history,
+                    "best": best, "rng": _rng_states()}, tmp)
+        os.replace(tmp, ckpt_path)  # atomic: a kill mid-write leaves the previous checkpoint
+
+    t_start = time.perf_counter()
+    bar = _progress(progress and rank == 0, config.iterations, iteration)
+    val_txt = "-" if best["val"] is None else f"{best['val']:.4g}"
+    try:
+        while iteration < config.iterations:
+            if run is None or run.done:
+                task_index = int(torch.randint(len(tasks), (), generator=sampler))
+                seeds = torch.randint(0, 2**62, (config.batch,), generator=sampler).tolist()
+                run = _Run(tasks, rule, config, task_index, seeds, config.horizon_at(iteration))
+            steps = min(config.unroll, run.horizon - run.t)
+            meta_opt.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                per_instance = _unroll(run, rule, steps, config.meta_loss)
+                meta_loss = per_instance.mean()
+                ok = bool(torch.isfinite(meta_loss))
+                if ok:
+                    meta_loss.backward()
+                    ok = all(p.grad is None or bool(torch.isfinite(p.grad).all())
+                             for p in rule.parameters())
+            if not ok:  # diverged: drop this run (not fatal), count it
+                diverged += 1
+                run = None
+            if _sync_grads(rule, ok, world):
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(rule.parameters(), config.grad_clip)
+                meta_opt.step()
+            iteration += 1
+            record = {"iteration": iteration, "meta_loss": float(meta_loss.detach()) if ok else None,
+                      "horizon": config.horizon_at(iteration - 1), "diverged": diverged}
+            if config.validate_every and (iteration % config.validate_every == 0
+                                          or iteration == config.iterations):
+                val = _validate(rule, val_tasks, config, config.horizon_at(iteration - 1))
+                record["val_loss"] = val
+                if math.isfinite(val) and (best["val"] is None or val < best["val"]):
+                    best = {"val": val, "iteration": iteration,
+                            "weights": {k: v.detach().cpu().clone()
+                                        for k, v in rule.state_dict().items()}}
+                val_txt = (f"{val:.4g} (best {best['val']:.4g})" if best["val"] is not None
+                           else f"{val:.4g}")
+            history.append(record)
+            if bar is not None:
+                loss_txt = f"{record['meta_loss']:.4g}" if ok else "diverged"
+                bar[0].update(bar[1], advance=1, meta=loss_txt, val=val_txt)
+            if config.checkpoint_every and iteration % config.checkpoint_every == 0:
+                save_checkpoint()
+        if checkpoint_dir is not None:
+            save_checkpoint()
+    finally:
+        if bar is not None:
+            bar[0].stop()
+
+    wall = elapsed + time.perf_counter() - t_start
+    best_rule = copy.deepcopy(rule)
+    if best["weights"] is not None:
+        best_rule.load_state_dict(best["weights"])
+    vals = [h["val_loss"] for h in history if "val_loss" in h]
+    card = {
+        "rule_config": rule.config(), "tasks": [t.spec for t in tasks],
+        "tricks": {"random_scaling": config.random_scaling,
+                   "convex_combination": config.convex_combination,
+                   "convex_dim": config.convex_dim if config.convex_combination else 0},
+        "training": {
+            "horizon": config.horizon, "unroll": config.unroll,
+            "curriculum": [list(p) for p in config.curriculum],
+            "max_horizon": max([config.horizon] + [h for _, h in config.curriculum]),
+            "meta_iterations": iteration, "meta_loss": config.meta_loss,
+            "meta_optimizer": "adam", "meta_lr": config.meta_lr, "grad_clip": config.grad_clip,
+            "batch": config.batch, "world_size": world, "seed": config.seed,
+            "diverged": diverged, "config": config.to_dict()},
+        "validation": {"tasks": [t.spec for t in val_tasks], "every": config.validate_every,
+                       "runs": config.val_runs, "steps": config.val_steps or config.horizon,
+                       "seed": config.val_seed, "best_val_loss": best["val"],
+                       "best_iteration": best["iteration"],
+                       "first_val_loss": vals[0] if vals else None,
+                       "last_val_loss": vals[-1] if vals else None},
+        "wall_time_s": round(wall, 1), "hardware": hardware_info(device),
+    }
+    return MetaTrainResult(best_rule, history, diverged, wall, card, best["val"],
+                           best["iteration"])
+
+
+#: config fields that may change between a checkpoint and its resumption
+_RESUMABLE = {"iterations", "validate_every", "checkpoint_every"}
+
+
+def _unroll(run: _Run, rule: LearnedRule, steps: int, meta_loss: str) -> Tensor:
+    """One truncated-BPTT segment (a module-level hook so tests can simulate a kill)."""
+    return run.unroll(rule, steps, meta_loss)
+
+
+def _progress(enabled: bool, total: int, done: int):
+    if not enabled:
+        return None
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    prog = Progress(TextColumn("meta-train"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("meta-loss {task.fields[meta]}"),
+                    TextColumn("val {task.fields[val]}"), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True))
+    prog.start()
+    task_id = prog.add_task("meta", total=total, completed=done, meta="-", val="-")
+    return prog, task_id

@@ -1,0 +1,148 @@
+"""Meta-training throughput: optimizee steps per second with B instances per rule call.
+
+    python benchmarks/meta_throughput.py [--threads 2] [--batches 1 8 32] [--device cpu]
+
+Meta-trains RNNprop (truncated BPTT, unroll 20, both tricks, "last" meta-loss) on the digits MLP
+64-20-10 (1510 parameters + 20 convex-term parameters per instance) and counts optimizee steps
+per second summed over the B instances: one step of B instances counts B.  Also times the
+inference path (``evaluate``: no graph, as when the learned optimizer is used).  Writes
+``benchmarks/results/meta_throughput.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from autol2o.meta import TrainConfig, build_task, evaluate, meta_train
+from autol2o.optimizers import RNNprop
+
+RESULTS = Path(__file__).parent / "results" / "meta_throughput.md"
+
+
+def train_rate(batch: int, device: str, min_seconds: float) -> float:
+    task = build_task("mlp-digits", device=device)
+    torch.manual_seed(0)
+    rule = RNNprop()
+    warm = TrainConfig(horizon=100, unroll=20, iterations=1, batch=batch, random_scaling=3.0,
+                       convex_combination=True)
+    meta_train(rule, task, warm, device=device, progress=False)
+    iters = 1
+    while True:
+        cfg = TrainConfig(horizon=100, unroll=20, iterations=iters, batch=batch,
+                          random_scaling=3.0, convex_combination=True, seed=1)
+        t0 = time.perf_counter()
+        meta_train(rule, task, cfg, device=device, progress=False)
+        dt = time.perf_counter() - t0
+        if dt >= min_seconds or iters >= 64:
+            return iters * cfg.unroll * batch / dt
+        iters *= 2
+
+
+def eval_rate(batch: int, device: str) -> float:
+    task = build_task("mlp-digits", device=device)
+    torch.manual_seed(0)
+    rule = RNNprop().to(device)
+    evaluate(rule, task, steps=5, runs=batch, max_batch=batch)
+    res = evaluate(rule, task, steps=50, runs=batch, max_batch=batch)
+    return 50 * batch / res.wall_time * 2  # x2: the final-loss pass costs as much as the steps
+
+
+def rule_floor(batch: int, device: str) -> float:
+    """Optimizee steps/s if the rule's differentiable forward + backward were the only cost."""
+    torch.manual_seed(0)
+    rule = RNNprop().to(device)
+    n = batch * 1530
+    grad = torch.randn(n, device=device)
+    best = float("inf")
+    for _ in range(3):
+        state = rule.init_state(n, device=device)
+        t0 = time.perf_counter()
+        total = 0
+        for _ in range(20):
+            update, state = rule(grad, state)
+            total = total + update.sum()
+        total.backward()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 20 * batch / best
+
+
+def other_load() -> str:
+    try:
+        load = os.getloadavg()
+        top = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"],
+                             capture_output=True, text=True).stdout.splitlines()[1:8]
+        busy = [" ".join(line.split()[1:])[:70] for line in top
+                if int(line.split()[0]) != os.getpid() and float(line.split()[1]) > 5.0]
+        return f"load average {load[0]:.2f}; busy processes: {', '.join(busy) or 'none'}"
+    except Exception as exc:  # noqa: BLE001 - best effort description
+        return f"unknown ({exc})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--min-seconds", type=float, default=8.0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    before = other_load()
+    rows = []
+    for b in args.batches:
+        tr = train_rate(b, args.device, args.min_seconds)
+        ev = eval_rate(b, args.device)
+        fl = rule_floor(b, args.device)
+        rows.append((b, tr, ev, fl))
+        print(f"B={b:3d}  meta-train {tr:9.1f} steps/s   inference {ev:9.1f} steps/s   "
+              f"rule-only bound {fl:9.1f} steps/s", flush=True)
+    after = other_load()
+    base_tr, base_ev = rows[0][1], rows[0][2]
+    lines = [
+        "# Meta-training throughput (benchmarks/meta_throughput.py)",
+        "",
+        f"RNNprop on the digits MLP 64-20-10 (+20 convex-term parameters), truncated BPTT with "
+        f"unroll 20, random scaling r=3, convex term; device `{args.device}`, "
+        f"torch {torch.__version__}, {args.threads} thread(s), {os.cpu_count()} CPU cores.",
+        "Optimizee steps/s count each of the B instances (one step of B instances = B steps).",
+        "",
+        "",
+        "| B | meta-train steps/s | speed-up vs B=1 | inference steps/s | speed-up vs B=1 "
+        "| rule fwd+bwd only (bound) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for b, tr, ev, fl in rows:
+        lines.append(f"| {b} | {tr:.1f} | {tr / base_tr:.2f}x | {ev:.1f} | {ev / base_ev:.2f}x "
+                     f"| {fl:.1f} |")
+    fl1 = rows[0][3]
+    best_b, best_tr = max(((b, tr) for b, tr, _, _ in rows), key=lambda r: r[1])
+    lines += [
+        "",
+        "The last column times only the rule's differentiable forward + backward over B x 1530",
+        "coordinates for 20 steps: an upper bound on meta-training throughput at that B.",
+        f"At B=1 the full loop reaches {base_tr:.0f} steps/s = {100 * base_tr / fl1:.0f}% of "
+        f"that bound ({fl1:.0f}): it is compute-bound in the rule's coordinatewise LSTM",
+        "(~13k flops per coordinate per step forward, about 3x that with backward), not in",
+        "Python overhead, so batching can only remove the remaining share.",
+        f"Best meta-training speed-up: {best_tr / base_tr:.2f}x at B={best_b}; "
+        + ("the >= 5x goal is met." if best_tr / base_tr >= 5 else
+           "the issue's >= 5x goal is NOT met on this CPU (it assumed Python overhead dominates "
+           "at B=1; it does not). Larger B also stops helping once the BPTT activations "
+           "(about 1 GB per 16k coordinates over a 20-step unroll) fall out of cache."),
+        "", f"Machine load before: {before}.", f"Machine load after: {after}.",
+        "(ps %CPU is the lifetime average of each process; other helpers share these 2 cores.)",
+        ""]
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text("\n".join(lines))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Task suite: IDX reader, batched tasks vs per-instance / reference modules, specs, evaluate."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from autol2o.errors import UserError
+from autol2o.meta import (
+    CNNTask,
+    ModuleTask,
+    Objective,
+    TrainConfig,
+    baseline,
+    build_task,
+    convex_term,
+    evaluate,
+    read_idx,
+)
+from autol2o.meta.data import load_mnist
+from autol2o.meta.tasks import generators, unflatten
+from autol2o.optimizers import RNNprop
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP thrashing on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _write_idx(path, arr: np.ndarray, magic: bytes | None = None):
+    header = magic or bytes([0, 0, 8, arr.ndim])
+    header += struct.pack(f">{arr.ndim}I", *arr.shape)
+    with gzip.open(path, "wb") as fh:
+        fh.write(header + arr.astype(np.uint8).tobytes())
+
+
+def test_idx_reader_roundtrip_and_mnist_loader(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (5, 28, 28))
+    labels = np.array([3, 1, 4, 1, 5])
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    assert np.array_equal(read_idx(tmp_path / "t10k-images-idx3-ubyte.gz"), images)
+    x, y, shape = load_mnist(str(tmp_path), "test")
+    assert x.shape == (5, 784) and shape == (1, 28, 28)
+    assert torch.allclose(x[2], torch.tensor(images[2].reshape(-1) / 255.0, dtype=torch.float32))
+    assert y.tolist() == [3, 1, 4, 1, 5]
+
+
+def test_idx_reader_rejects_bad_files_naming_them(tmp_path):
+    bad_magic = tmp_path / "bad.gz"
+    _write_idx(bad_magic, np.zeros((2, 2)), magic=bytes([0, 0, 9, 2]))
+    with pytest.raises(UserError, match="bad.gz.*magic"):
+        read_idx(bad_magic)
+    truncated = tmp_path / "short.gz"
+    with gzip.open(truncated, "wb") as fh:
+        fh.write(bytes([0, 0, 8, 1]) + struct.pack(">I", 10) + b"\x01\x02")
+    with pytest.raises(UserError, match="short.gz.*size mismatch"):
+        read_idx(truncated)
+    not_gzip = tmp_path / "junk.gz"
+    not_gzip.write_bytes(b"definitely not gzip")
+    with pytest.raises(UserError, match="junk.gz"):
+        read_idx(not_gzip)
+    with pytest.raises(UserError, match="missing.gz.*not found"):
+        read_idx(tmp_path / "missing.gz")
+    with pytest.raises(UserError, match="data directory"):
+        build_task("mnist-nn-sigmoid")
+
+
+@pytest.mark.parametrize("name", ["mlp-digits", "digits-nn-l2-relu", "digits-cnn2", "sin-lstm-x2",
+                                  "quadratic"])
+def test_batched_instances_match_one_at_a_time(name):
+    task = build_task(name)
+    seeds = [11, 22, 33]
+    gens = generators(seeds)
+    theta, plan = task.init_params(gens), task.make_plan(gens)
+    batched = task.loss(theta, task.batch(plan, 5))
+    for b, s in enumerate(seeds):
+        g = generators([s])
+        th1, pl1 = task.init_params(g), task.make_plan(g)
+        assert torch.equal(th1[0], theta[b])
+        assert torch.allclose(task.loss(th1, task.batch(pl1, 5))[0], batched[b], rtol=1e-5)
+    # a task rebuilt from its JSON spec is the same function
+    again = build_task(task.spec)
+    assert torch.allclose(again.loss(theta, again.batch(plan, 5)), batched)
+
+
+def test_cnn_matches_a_reference_torch_module():
+    task = build_task("digits-cnn2")
+    assert isinstance(task, CNNTask)
+    theta = task.init_params(generators([1, 2]))
+    x, y = task.batch(task.make_plan(generators([1, 2])), 0)
+    p = unflatten(theta, task.layout)
+    b = 1
+    ref = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                        nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                        nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+    convs = [m for m in ref if isinstance(m, nn.Conv2d)]
+    fcs = [m for m in ref if isinstance(m, nn.Linear)]
+    with torch.no_grad():
+        for m, i in zip(convs, [0, 1, 3, 4], strict=True):
+            m.weight.copy_(p[f"conv{i}.w"][b])
+            m.bias.copy_(p[f"conv{i}.b"][b])
+        for i, m in enumerate(fcs):
+            m.weight.copy_(p[f"fc{i}.w"][b].t())
+            m.bias.copy_(p[f"fc{i}.b"][b])
+        expected = nn.functional.cross_entropy(ref(x[b].view(-1, 1, 8, 8)), y[b])
+    assert torch.allclose(task.loss(theta, (x, y))[b], expected, rtol=1e-5)
+
+
+def test_module_task_vmap_matches_plain_model():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+
+    def build():
+        return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+
+    task = ModuleTask(build, x, y, nn.functional.cross_entropy, batch_size=16, name="toy")
+    gens = generators([5, 6])
+    theta, plan = task.init_params(gens), task.make_plan(gens)
+    xb, yb = task.batch(plan, 3)
+    losses = task.loss(theta, (xb, yb))
+    model = build()
+    with torch.no_grad():
+        torch.nn.utils.vector_to_parameters(theta[1], model.parameters())
+        assert torch.allclose(losses[1], nn.functional.cross_entropy(model(xb[1]), yb[1]))
+    task._use_vmap = False  # the fallback loop gives the same numbers
+    assert torch.allclose(task.loss(theta, (xb, yb)), losses, atol=1e-6)
+    assert task.spec["n_params"] == 5 * 7 + 7 + 7 * 3 + 3
+
+
+def test_random_scaling_keeps_values_and_rescales_gradients():
+    task = build_task("mlp-digits")
+    gens = generators([7, 8])
+    theta0 = task.init_params(gens)
+    batch = task.batch(task.make_plan(gens), 0)
+    obj = Objective(task, generators([9, 10]), TrainConfig(random_scaling=3.0))
+    c = obj.scale
+    assert c.min() >= np.exp(-3) and c.max() <= np.exp(3) and c.std() > 1
+    start = obj.initial(theta0)
+    assert torch.allclose(start, theta0 / c)
+    assert torch.allclose(obj.loss(start, batch), task.loss(theta0, batch), rtol=1e-5)
+    th = start.clone().requires_grad_(True)
+    g_scaled = torch.autograd.grad(obj.loss(th, batch).sum(), th)[0]
+    t0 = theta0.clone().requires_grad_(True)
+    g = torch.autograd.grad(task.loss(t0, batch).sum(), t0)[0]
+    assert torch.allclose(g_scaled, c * g, rtol=1e-4, atol=1e-7)   # chain rule: d/dtheta f(c theta)
+
+
+def test_convex_term_formula_and_combination():
+    x = torch.tensor([[0.0, 1.0, 5.0], [2.0, -1.0, 0.5]])
+    a = torch.tensor([[0.5, -1.0, 0.0], [2.0, 1.0, -0.5]])
+    expected = torch.tensor([(0.25 + 4.0 + 10.0) / 3, (0.0 + 4.0 + 1.0) / 3])  # 25 clipped to 10
+    assert torch.allclose(convex_term(x, a), expected)
+    task = build_task("quadratic")
+    gens = generators([1])
+    theta0, plan = task.init_params(gens), task.make_plan(gens)
+    obj = Objective(task, generators([2]), TrainConfig(convex_combination=True, convex_dim=20))
+    start = obj.initial(theta0)
+    assert start.shape == (1, 30) and torch.all(start[:, 10:] == 0)
+    assert torch.all(obj.a.abs() <= 1) and torch.all((obj.c_x >= np.exp(-1)) & (obj.c_x <= np.e))
+    moved = start.clone()
+    moved[:, 10:] = 0.7
+    assert torch.allclose(obj.loss(moved, plan),
+                          task.loss(theta0, plan) + convex_term(obj.c_x * 0.7, obj.a))
+
+
+class _Recording:
+    """Wraps a task and records every init and minibatch handed out."""
+
+    def __init__(self, task):
+        self.task, self.inits, self.batches = task, [], []
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def init_params(self, gens):
+        th = self.task.init_params(gens)
+        self.inits.append(th.clone())
+        return th
+
+    def batch(self, plan, t):
+        b = self.task.batch(plan, t)
+        self.batches.append((t, b[0].clone()))
+        return b
+
+
+def test_evaluate_protocol_same_inits_and_minibatches_for_every_optimizer():
+    rec_adam, rec_rule = _Recording(build_task("mlp-digits")), _Recording(build_task("mlp-digits"))
+    res_adam = evaluate(baseline("adam", 0.01), rec_adam, steps=6, runs=3, seed=4)
+    torch.manual_seed(0)
+    res_rule = evaluate(RNNprop(), rec_rule, steps=6, runs=3, seed=4)
+    assert torch.equal(rec_adam.inits[0], rec_rule.inits[0])
+    assert len(rec_adam.batches) == len(rec_rule.batches) == 12  # 6 steps + 6 for the final loss
+    for (ta, xa), (tr, xr) in zip(rec_adam.batches, rec_rule.batches, strict=True):
+        assert ta == tr and torch.equal(xa, xr)
+    assert res_adam.curves.shape == (6, 3) and res_rule.final_losses.shape == (3,)
+    # final loss = mean over the N minibatches of the loss at the final parameters:
+    # with SGD at lr 0 the final parameters are the initial ones
+    task = build_task("mlp-digits")
+    res0 = evaluate(baseline("sgd", 0.0), task, steps=6, runs=3, seed=4)
+    assert torch.allclose(res0.final_losses, res0.curves.mean(0), rtol=1e-6)
+    # chunking the runs does not change anything, and training lowers the loss
+    res_chunked = evaluate(baseline("adam", 0.01), task, steps=6, runs=3, seed=4, max_batch=2)
+    assert torch.allclose(res_chunked.final_losses, res_adam.final_losses, rtol=1e-5)
+    assert res_adam.final_loss < res0.final_loss and res_adam.diverged == 0

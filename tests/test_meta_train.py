@@ -1,0 +1,157 @@
+"""Meta-training end to end on tiny tasks: learning happens, resume is exact, NaN runs are dropped,
+batched runs equal separate runs."""
+
+import math
+
+import pytest
+import torch
+
+import autol2o.meta.trainer as trainer_mod
+from autol2o.meta import Task, TrainConfig, build_task, evaluate, meta_train
+from autol2o.meta.trainer import _Run
+from autol2o.optimizers import DMOptimizer, RNNprop
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids OpenMP thrashing on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rule(seed=0):
+    torch.manual_seed(seed)
+    return RNNprop()
+
+
+def test_tiny_meta_training_lowers_the_loss():
+    task = build_task("quadratic")
+    rule = _rule()
+    before = evaluate(rule, task, steps=20, runs=16, seed=123).final_loss
+    cfg = TrainConfig(horizon=20, unroll=5, iterations=30, batch=8, meta_lr=3e-3, seed=1)
+    res = meta_train(rule, task, cfg, progress=False)
+    after = evaluate(rule, task, steps=20, runs=16, seed=123).final_loss
+    assert len(res.history) == 30 and res.diverged == 0
+    assert after < 0.7 * before, (before, after)
+    first = sum(h["meta_loss"] for h in res.history[:8]) / 8
+    last = sum(h["meta_loss"] for h in res.history[-8:]) / 8
+    assert last < first
+    card = res.card_fields
+    assert card["training"]["meta_iterations"] == 30 and card["tasks"] == [task.spec]
+    assert card["hardware"]["torch"] == torch.__version__
+
+
+def test_mean_loss_dm_with_tricks_and_validation_keeps_best():
+    task = build_task("quadratic")
+    torch.manual_seed(0)
+    rule = DMOptimizer()
+    cfg = TrainConfig(horizon=10, unroll=5, iterations=6, batch=2, meta_loss="mean",
+                      random_scaling=1.0, convex_combination=True, validate_every=2, val_runs=4,
+                      meta_lr=1e-3, grad_clip=1.0)
+    res = meta_train(rule, task, cfg, progress=False)
+    vals = [h["val_loss"] for h in res.history if "val_loss" in h]
+    assert len(vals) == 3 and res.best_val == min(vals)
+    assert res.best_iteration == 2 * (vals.index(min(vals)) + 1)
+    # the returned rule carries the best weights: re-validating it reproduces the best value
+    again = evaluate(res.rule, task, steps=10, runs=4, seed=cfg.val_seed).final_loss
+    assert math.isclose(again, res.best_val, rel_tol=1e-5)
+
+
+def test_curriculum_horizons():
+    cfg = TrainConfig(iterations=40, curriculum=[10, 20, 40, 80])
+    assert [cfg.horizon_at(i) for i in (0, 9, 10, 25, 39)] == [10, 10, 20, 40, 80]
+    res = meta_train(_rule(), build_task("quadratic"),
+                     TrainConfig(horizon=4, unroll=2, iterations=6, batch=2,
+                                 curriculum=((0, 4), (2, 6))), progress=False)
+    assert [h["horizon"] for h in res.history] == [4, 4, 6, 6, 6, 6]
+
+
+def test_resume_after_a_kill_continues_exactly(tmp_path, monkeypatch):
+    task = build_task("mlp-digits")
+    cfg = TrainConfig(horizon=12, unroll=4, iterations=9, batch=2, meta_lr=1e-3, seed=3,
+                      random_scaling=3.0, convex_combination=True, validate_every=4, val_runs=2,
+                      checkpoint_every=2)
+    ref = meta_train(_rule(), task, cfg, progress=False)
+
+    calls = {"n": 0}
+    real = trainer_mod._unroll
+
+    def dying(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # killed during iteration 6; the last checkpoint is at iteration 4
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_mod, "_unroll", dying)
+    with pytest.raises(KeyboardInterrupt):
+        meta_train(_rule(), task, cfg, checkpoint_dir=tmp_path, progress=False)
+    monkeypatch.setattr(trainer_mod, "_unroll", real)
+    resumed_rule = _rule(seed=99)  # different init: everything must come from the checkpoint
+    res = meta_train(resumed_rule, task, cfg, checkpoint_dir=tmp_path, resume=True,
+                     progress=False)
+    for a, b in zip(ref.rule.state_dict().values(), res.rule.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert [h["meta_loss"] for h in res.history] == [h["meta_loss"] for h in ref.history]
+    assert res.best_iteration == ref.best_iteration
+    # a checkpoint made with a different config is refused
+    with pytest.raises(Exception, match="different config"):
+        meta_train(_rule(), task, TrainConfig(horizon=12, unroll=3, iterations=9, batch=2),
+                   checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+class _Exploding(Task):
+    """Quadratic bowl whose loss turns NaN at step 7 of every run."""
+
+    kind = "exploding"
+
+    def __init__(self):
+        super().__init__({"kind": self.kind, "name": "exploding"}, 4)
+
+    def init_params(self, gens):
+        return torch.stack([torch.randn(4, generator=g) for g in gens])
+
+    def batch(self, plan, t):
+        return t
+
+    def loss(self, theta, batch):
+        loss = (theta ** 2).sum(1)
+        return loss * math.nan if batch == 7 else loss
+
+
+def test_nan_guard_drops_and_counts_diverged_runs():
+    rule = _rule()
+    cfg = TrainConfig(horizon=10, unroll=5, iterations=4, batch=3, meta_lr=1e-3)
+    res = meta_train(rule, _Exploding(), cfg, progress=False)
+    assert res.diverged == 2  # iterations 2 and 4 reach step 7
+    assert [h["meta_loss"] is None for h in res.history] == [False, True, False, True]
+    assert all(torch.isfinite(p).all() for p in rule.parameters())
+
+
+def test_batched_meta_unroll_equals_separate_runs():
+    task = build_task("mlp-digits")
+    cfg = TrainConfig(batch=3, random_scaling=3.0, convex_combination=True)
+    rule = _rule()
+    seeds = [101, 202, 303]
+    together = _Run([task], rule, cfg, 0, seeds, horizon=10).unroll(rule, 4, "mean")
+    for b, s in enumerate(seeds):
+        alone = _Run([task], rule, cfg, 0, [s], horizon=10).unroll(rule, 4, "mean")
+        assert torch.allclose(alone[0], together[b], rtol=1e-5)
+
+
+def test_train_to_zoo_writes_a_loadable_entry_with_a_full_card(tmp_path):
+    from autol2o.meta import train_to_zoo
+    from autol2o.zoo import load_entry
+
+    cfg = TrainConfig(horizon=6, unroll=3, iterations=4, batch=2, validate_every=2, val_runs=2,
+                      random_scaling=3.0, convex_combination=True)
+    out = train_to_zoo("rnnprop", ["quadratic"], cfg, tmp_path / "tiny", None, "cpu", False,
+                       "autol2o zoo train --rule rnnprop --task quadratic")
+    rule, card = load_entry(out)
+    assert isinstance(rule, RNNprop) and not (out / "checkpoint").exists()
+    assert card["command"].startswith("autol2o zoo train") and card["trained_on"] == ["quadratic"]
+    assert card["tricks"]["random_scaling"] == 3.0 and card["tricks"]["convex_combination"]
+    assert card["training"]["horizon"] == 6 and card["training"]["meta_iterations"] == 4
+    assert card["training"]["diverged"] == 0 and card["validation"]["best_val_loss"] > 0
+    assert card["hardware"]["cpu_count"] >= 1 and card["wall_time_s"] >= 0
