@@ -50,7 +50,12 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: runs the app and turns user errors into one-line messages."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        # typer turns Ctrl-C into Exit(130) and, outside standalone mode, returns the code
+        if isinstance(rc, int) and rc != 0:
+            if rc == 130:
+                typer.echo("interrupted", err=True)
+            raise SystemExit(rc)
     except UserError as exc:
         if debug:
             raise

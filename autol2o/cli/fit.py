@@ -1,7 +1,114 @@
-"""``autol2o fit`` (placeholder until the fit pipeline lands)."""
+"""``autol2o fit [MODEL.py] [DATA]`` and ``autol2o demo``: a thin layer over :mod:`autol2o.fit`.
+
+Progress and logs go to stderr; the leaderboard (or, with ``--json``, only the report JSON) goes
+to stdout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
 
 import typer
 
+FIT_HELP = """Train MODEL.py on DATA with the best learned optimizer from the zoo and compare it with
+Optuna-tuned Adam and SGD.  Without arguments: a bundled MLP on scikit-learn's digits."""
+
+
+def fit(
+    model: Annotated[str | None, typer.Argument(
+        help="MODEL.py: defines build_model(), a module-level `model`, or a class `Model`.",
+        show_default=False)] = None,
+    data: Annotated[str | None, typer.Argument(
+        help="DATA: directory or file (CSV, NPZ/NPY, image folder, MNIST idx .gz), or "
+             "'digits'/'diabetes'. Default: digits.", show_default=False)] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps per training run.")] = 300,
+    trials: Annotated[int, typer.Option(help="Optuna trials per baseline (Adam, SGD).")] = 20,
+    seeds: Annotated[int, typer.Option(help="Seeds per contender in the finals.")] = 3,
+    fine_tune: Annotated[int, typer.Option(
+        "--fine-tune", help="Meta-train the picked optimizer on this task for N iterations.")] = 0,
+    optimizer: Annotated[str | None, typer.Option(
+        help="Use this zoo entry (name or path) and skip the race.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Minibatch size.")] = 128,
+    probe: Annotated[float, typer.Option(help="Race probe length, fraction of --steps.")] = 0.1,
+    baselines: Annotated[str, typer.Option(help="Comma-separated: adam,sgd.")] = "adam,sgd",
+    target: Annotated[str | None, typer.Option(help="CSV target column.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    storage: Annotated[str | None, typer.Option(
+        help="Optuna storage URL (sqlite:///f.db, postgresql://..., journal:///f.log) shared "
+             "by several processes. Default: RUN/optuna.db.")] = None,
+    study: Annotated[str | None, typer.Option(
+        help="Study name prefix (…-adam, …-sgd); use the same one to share trials.")] = None,
+    n_jobs: Annotated[int, typer.Option("--n-jobs", help="Parallel Optuna trials.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed for split, init, minibatches, sampler.")] = 0,
+    threads: Annotated[int | None, typer.Option(
+        help="CPU threads for torch (default: 1 for small models, else torch's default).")] = None,
+    zoo: Annotated[str | None, typer.Option(
+        help="Zoo directory (default: $AUTOL2O_ZOO or the shipped zoo).")] = None,
+    out: Annotated[str | None, typer.Option(
+        help="Run directory (default runs/<timestamp>-<model>); must be new or empty.")] = None,
+    resume: Annotated[str | None, typer.Option(
+        help="Continue an interrupted run directory.")] = None,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print only the report JSON on stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+) -> None:
+    from autol2o.fit import FitConfig, fit_files
+    from autol2o.fit.progress import Reporter
+
+    cfg = FitConfig(steps=steps, batch_size=batch_size, probe_fraction=probe, trials=trials,
+                    seeds=seeds, fine_tune=fine_tune, optimizer=optimizer,
+                    baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()),
+                    device=device, storage=storage, study=study, n_jobs=n_jobs, seed=seed,
+                    zoo=zoo, threads=threads)
+    reporter = Reporter(not quiet)
+    res = fit_files(model, data, cfg, out=out, target=target, resume=resume, reporter=reporter)
+    if json_out:
+        typer.echo(json.dumps(res.report, indent=2))
+        return
+    print_leaderboard(res.report)
+    reporter.log(f"report: {Path(res.run_dir) / 'report.md'}")
+    reporter.log(f"dashboard: {res.report['artifacts']['dashboard_command']}")
+
+
+def print_leaderboard(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="autol2o leaderboard (finals, validation)")
+    for col in ("rank", "optimizer", "config", "val loss", "val acc", "diverged"):
+        table.add_column(col, justify="right" if col in ("rank", "val loss", "val acc") else "left")
+    for r in report["leaderboard"]:
+        conf = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                         for k, v in r["params"].items()) or "learned, no tuning"
+        loss = "diverged" if r["val_loss_mean"] is None else \
+            f"{r['val_loss_mean']:.4f} ± {r['val_loss_std'] or 0:.4f}"
+        acc = "-" if r["val_acc_mean"] is None else \
+            f"{r['val_acc_mean']:.4f} ± {r['val_acc_std'] or 0:.4f}"
+        table.add_row(str(r["rank"]), r["name"], conf, loss, acc,
+                      f"{r['diverged']}/{r['n_seeds']}")
+    console = Console(highlight=False, soft_wrap=True)
+    if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
+        console = Console(highlight=False, soft_wrap=True, width=140)
+    console.print(table)
+    console.print(report["verdict"]["summary"])
+
+
+def demo(
+    steps: Annotated[int, typer.Option(help="Optimizer steps per training run.")] = 300,
+    trials: Annotated[int, typer.Option(help="Optuna trials per baseline.")] = 20,
+    seeds: Annotated[int, typer.Option(help="Seeds per contender in the finals.")] = 3,
+    out: Annotated[str | None, typer.Option(help="Run directory.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Only the report JSON.")] = False,
+) -> None:
+    """The embedded default: the bundled MLP on scikit-learn's digits (same as plain `fit`)."""
+    fit(None, None, steps=steps, trials=trials, seeds=seeds, fine_tune=0, optimizer=None,
+        batch_size=128, probe=0.1, baselines="adam,sgd", target=None, device="auto",
+        storage=None, study=None, n_jobs=1, seed=0, threads=None, zoo=None, out=out, resume=None,
+        json_out=json_out, quiet=False)
+
 
 def register(app: typer.Typer) -> None:
-    pass
+    app.command("fit", help=FIT_HELP)(fit)
+    app.command("demo")(demo)

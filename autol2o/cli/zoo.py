@@ -1,5 +1,204 @@
-"""``autol2o zoo ...`` (placeholder until the zoo commands land)."""
+"""``autol2o zoo list | show | train``: browse the pretrained zoo and add to it.
+
+Tables and cards go to stdout (``--json`` for machines); training progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from pathlib import Path
+from typing import Annotated, Any
 
 import typer
 
 app = typer.Typer(help="List, show and train pretrained learned optimizers.", no_args_is_help=True)
+
+RootOpt = Annotated[
+    Path | None,
+    typer.Option("--root", help="Zoo directory (default: $AUTOL2O_ZOO, else the shipped zoo)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+def summary(entry) -> dict[str, Any]:
+    """The fields ``zoo list`` shows, taken from a card (missing fields become ``None``)."""
+    card = entry.card
+    training = card.get("training") or {}
+
+    def field(*keys: str) -> Any:  # top-level card fields first, then a "training" section
+        for key in keys:
+            for src in (card, training):
+                if src.get(key) is not None:
+                    return src[key]
+        return None
+
+    weights = entry.weights_path
+    return {
+        "name": entry.name,
+        "path": str(entry.path),
+        "rule": card.get("rule"),
+        "trained_on": [_task_label(t) for t in card.get("tasks") or []],
+        "horizon": field("max_horizon", "horizon"),
+        "meta_iterations": field("meta_iterations", "iterations"),
+        "n_meta_params": card.get("n_meta_params"),
+        "size_bytes": weights.stat().st_size if weights.is_file() else None,
+        "headline": (card.get("evaluation") or {}).get("headline"),
+    }
+
+
+def _task_label(spec: Any) -> str:
+    if isinstance(spec, dict):
+        for key in ("label", "name", "kind", "task"):
+            if spec.get(key):
+                return str(spec[key])
+    return str(spec)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(soft_wrap=False)
+
+
+@app.command("list")
+def list_cmd(root: RootOpt = None, as_json: JsonOpt = False) -> None:
+    """List the zoo: name, rule, training tasks, horizon, meta-iterations, size, headline."""
+    from autol2o.zoo import list_entries, zoo_root
+
+    entries = list_entries(root)
+    rows = [summary(e) for e in entries]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        typer.echo(f"no zoo entries in {zoo_root(root)}", err=True)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"autol2o zoo ({zoo_root(root)})")
+    for col in ("name", "rule", "trained on", "horizon", "meta-iters", "size", "headline result"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        size = (f"{r['n_meta_params']} params, {r['size_bytes'] / 1024:.1f} KiB"
+                if r["size_bytes"] is not None else "?")
+        table.add_row(r["name"], str(r["rule"]), ", ".join(r["trained_on"]) or "?",
+                      _fmt(r["horizon"]), _fmt(r["meta_iterations"]), size,
+                      r["headline"] or "not evaluated")
+    _console().print(table)
+
+
+@app.command("show")
+def show_cmd(
+    name: Annotated[str, typer.Argument(help="Zoo entry name, or a path to an entry directory.")],
+    root: RootOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print an entry's card (after verifying its weights' checksum)."""
+    from autol2o.zoo import load_entry, resolve
+
+    path = resolve(name, root)
+    _, card = load_entry(path)
+    if as_json:
+        typer.echo(json.dumps(card, indent=2))
+        return
+    from rich.pretty import Pretty
+    from rich.rule import Rule
+
+    con = _console()
+    con.print(Rule(f"{card.get('name', path.name)}  ({path})"))
+    con.print(Pretty(card, expand_all=True))
+    con.print(f"weights: {path / 'weights.safetensors'} (sha256 verified)")
+
+
+@app.command("train")
+def train_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Entry directory to write, e.g. pretrained/NAME.")],
+    rule: Annotated[str, typer.Option("--rule", help="Learned rule: rnnprop or dm.")] = "rnnprop",
+    task: Annotated[list[str] | None, typer.Option(
+        "--task", help="Training task name (repeatable), e.g. mlp-digits, mnist-mlp-sigmoid.")] = None,
+    horizon: Annotated[int, typer.Option(help="Optimizee steps per run.")] = 100,
+    unroll: Annotated[int, typer.Option(help="Steps per truncated-BPTT segment.")] = 20,
+    iterations: Annotated[int, typer.Option(help="Meta-iterations (runs per instance batch).")] = 200,
+    batch: Annotated[int, typer.Option(help="Optimizee instances trained at once.")] = 8,
+    meta_lr: Annotated[float, typer.Option("--meta-lr", help="Adam learning rate on meta-weights.")] = 1e-3,
+    random_scaling: Annotated[bool | None, typer.Option(
+        "--random-scaling/--no-random-scaling",
+        help="Random scaling trick (default: on for rnnprop, off for dm).")] = None,
+    convex: Annotated[bool | None, typer.Option(
+        "--convex/--no-convex",
+        help="Add the random convex term (default: on for rnnprop, off for dm).")] = None,
+    curriculum: Annotated[str | None, typer.Option(
+        help="Horizons to move through: 'ITER:HORIZON,...' (e.g. 0:100,200:500,400:1000), or "
+             "bare horizons spread evenly over --iterations (e.g. 100,200,500,1000).")] = None,
+    validate_every: Annotated[int, typer.Option(
+        "--validate-every", help="Validate every K meta-iterations and keep the best (0: off).")] = 0,
+    checkpoint_every: Annotated[int, typer.Option(
+        "--checkpoint-every", help="Checkpoint every K meta-iterations (for --resume).")] = 25,
+    data_dir: Annotated[Path | None, typer.Option(
+        "--data-dir", help="Directory with the MNIST IDX .gz files (for MNIST tasks).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed for everything.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing entry at --out.")] = False,
+) -> None:
+    """Meta-train a learned optimizer and write it to the zoo as ``--out``."""
+    from autol2o.errors import UserError
+    from autol2o.zoo import CARD_FILE, WEIGHTS_FILE
+
+    if (out / CARD_FILE).exists() or (out / WEIGHTS_FILE).exists():
+        if not (resume or overwrite):
+            raise UserError(f"{out}: zoo entry already exists (use --resume or --overwrite)")
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    stages = _parse_curriculum(curriculum, iterations)
+    tricks = rule == "rnnprop"  # the paper trains RNNprop with both tricks, DMoptimizer with none
+    from autol2o.meta import TrainConfig, train_to_zoo
+
+    config = TrainConfig(
+        horizon=stages[0][1] if stages else horizon, unroll=unroll, iterations=iterations,
+        meta_lr=meta_lr, batch=batch, seed=seed, curriculum=tuple(stages),
+        meta_loss="mean" if rule == "dm" else "last",
+        random_scaling=3.0 if (tricks if random_scaling is None else random_scaling) else 0.0,
+        convex_combination=tricks if convex is None else convex,
+        validate_every=validate_every, checkpoint_every=checkpoint_every)
+    # the canonical command (every setting explicit, --resume dropped) reproduces the entry
+    argv = ["--rule", rule, *[a for t in (task or ["mlp-digits"]) for a in ("--task", t)],
+            "--horizon", horizon, "--unroll", unroll, "--iterations", iterations, "--batch", batch,
+            "--meta-lr", meta_lr,
+            "--random-scaling" if config.random_scaling else "--no-random-scaling",
+            "--convex" if config.convex_combination else "--no-convex",
+            *(["--curriculum", ",".join(f"{i}:{h}" for i, h in stages)] if stages else []),
+            "--validate-every", validate_every, *(["--data-dir", data_dir] if data_dir else []),
+            "--seed", seed, "--out", out]
+    command = "autol2o zoo train " + " ".join(shlex.quote(str(a)) for a in argv)
+    path = train_to_zoo(rule, list(task or ["mlp-digits"]), config, out, data_dir, device,
+                        resume, command)
+    typer.echo(str(path))
+
+
+def _parse_curriculum(text: str | None, iterations: int) -> list[tuple[int, int]]:
+    """``--curriculum`` as the trainer's ``(from_iteration, horizon)`` pairs."""
+    from autol2o.errors import UserError
+
+    if not text:
+        return []
+    items = [x for x in text.replace(" ", "").split(",") if x]
+    try:
+        if all(":" in x for x in items):
+            stages = [(int(x.split(":")[0]), int(x.split(":")[1])) for x in items]
+        else:  # bare horizons: equal shares of the iterations
+            stages = [(i * iterations // len(items), int(x)) for i, x in enumerate(items)]
+    except ValueError:
+        raise UserError(f"--curriculum must be 'ITER:HORIZON,...' or horizons, got {text!r}") from None
+    if not stages or any(h <= 0 or i < 0 for i, h in stages):
+        raise UserError(f"--curriculum horizons must be positive, got {text!r}")
+    return sorted(stages)
+
+
+def _fmt(x: Any) -> str:
+    return "?" if x is None else str(x)

@@ -1,0 +1,482 @@
+"""Reading the user's DATA into memory: CSV, NPZ/NPY, image folders, MNIST IDX ``.gz``, digits.
+
+Everything ends up as one :class:`FitData`: float32 inputs, targets (int64 class indices for
+classification, float32 for regression), a train/validation split and a description of what was
+found.  Rules:
+
+* the task is ``"classification"`` when every target is an integer, else ``"regression"``
+  (``MODEL.py`` may override it with ``task = ...``);
+* without a validation split the data are split deterministically, 80/20, by
+  :func:`sklearn.model_selection.train_test_split` with ``random_state=seed`` (stratified for
+  classification when every class has at least two examples);
+* tabular inputs (2-D ``X``) are standardised, ``x' = (x - mu) / sigma``, with ``mu`` and
+  ``sigma`` from the *training* split only (``sigma = 1`` for constant columns), so no validation
+  statistic leaks into training.  Images are scaled to ``[0, 1]`` instead.
+
+Every problem is a :class:`autol2o.errors.UserError` naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from autol2o.errors import UserError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+BUILTIN = ("digits", "diabetes")
+
+
+@dataclass
+class FitData:
+    """In-memory train/validation tensors plus what was detected (for stderr and the report)."""
+
+    x_train: Tensor
+    y_train: Tensor
+    x_val: Tensor
+    y_val: Tensor
+    task: str                                   # "classification" | "regression"
+    source: str                                 # path or built-in name
+    format: str                                 # "csv" | "npz" | "npy" | "images" | "idx" | ...
+    n_classes: int | None = None
+    classes: list[Any] | None = None            # original label of each class index
+    standardized: bool = False
+    mean: np.ndarray | None = None              # training statistics when standardised
+    std: np.ndarray | None = None
+    split: str = "given"                        # "given" | "random 80/20, seed S"
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One human line: what was found and how it will be used."""
+        shape = "x".join(str(d) for d in self.x_train.shape[1:])
+        parts = [f"{self.format} data from {self.source}",
+                 f"{len(self.x_train)} train / {len(self.x_val)} val ({self.split})",
+                 f"inputs {shape}", self.task]
+        if self.n_classes is not None:
+            parts.append(f"{self.n_classes} classes")
+        if self.standardized:
+            parts.append("standardised from training statistics")
+        return ", ".join(parts)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-able description for ``report.json``."""
+        return {
+            "source": self.source, "format": self.format, "task": self.task,
+            "n_train": len(self.x_train), "n_val": len(self.x_val),
+            "input_shape": list(self.x_train.shape[1:]), "n_classes": self.n_classes,
+            "classes": None if self.classes is None else [_jsonable(c) for c in self.classes],
+            "standardized": self.standardized, "split": self.split, "notes": list(self.notes),
+        }
+
+
+def _jsonable(v: Any) -> Any:
+    return v.item() if isinstance(v, np.generic) else v
+
+
+# -- entry point ------------------------------------------------------------------------------
+def load_data(path: str | Path | None, *, target: str | None = None, seed: int = 0,
+              task: str | None = None, val_fraction: float = 0.2) -> FitData:
+    """Load DATA (a directory, a single file, or a built-in name; ``None`` means digits)."""
+    if path is None or (str(path) in BUILTIN and not Path(path).exists()):
+        return _builtin(str(path or "digits"), seed, task, val_fraction)
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: data not found (no such file or directory)")
+    if p.is_file():
+        return _load_file(p, target, seed, task, val_fraction)
+    files = sorted(f for f in p.iterdir() if not f.name.startswith("."))
+    if not files:
+        raise UserError(f"{p}: data directory is empty")
+    names = {f.name for f in files}
+    if "train.csv" in names or any(f.suffix == ".csv" for f in files):
+        return _load_csv_dir(p, files, target, seed, task, val_fraction)
+    if any(f.suffix == ".npz" for f in files):
+        return _load_npz_dir(p, files, seed, task, val_fraction)
+    if any(f.suffix == ".npy" for f in files):
+        return _load_npy_dir(p, names, seed, task, val_fraction)
+    if any("idx" in f.name and (f.name.endswith(".gz") or "ubyte" in f.name) for f in files):
+        return _load_idx_dir(p, files, seed, task, val_fraction)
+    subdirs = [f for f in files if f.is_dir()]
+    if subdirs:
+        return _load_image_folder(p, subdirs, seed, task, val_fraction)
+    raise UserError(f"{p}: unknown data format (expected train.csv, .npz, X.npy/y.npy, "
+                    "MNIST idx .gz files or one image sub-folder per class)")
+
+
+def _load_file(p: Path, target, seed, task, val_fraction) -> FitData:
+    if p.suffix == ".csv":
+        x, y, names = _read_csv(p, target)
+        return _finish(x, y, None, None, p, "csv", seed, task, val_fraction, tabular=True,
+                       label_names=names)
+    if p.suffix == ".npz":
+        arrays = _read_npz(p)
+        x, y = _xy(arrays, p)
+        xv, yv = _xy(arrays, p, suffix="_val") if "X_val" in arrays else (None, None)
+        return _finish(x, y, xv, yv, p, "npz", seed, task, val_fraction, tabular=x.ndim == 2)
+    if p.stat().st_size == 0:
+        raise UserError(f"{p}: data file is empty")
+    raise UserError(f"{p}: unknown data format {p.suffix or '(no suffix)'!r} "
+                    "(expected .csv, .npz or a directory)")
+
+
+# -- formats ----------------------------------------------------------------------------------
+def _read_csv(p: Path, target: str | None) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
+    """Parse a CSV with a header row. Returns features, raw target strings, None."""
+    try:
+        with open(p, newline="") as fh:
+            rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not a text CSV file") from None
+    if not rows:
+        raise UserError(f"{p}: CSV file is empty")
+    header = [h.strip() for h in rows[0]]
+    body = rows[1:]
+    if not body:
+        raise UserError(f"{p}: CSV file has a header but no rows")
+    if len(header) < 2:
+        raise UserError(f"{p}: CSV needs at least one feature column and a target column")
+    if target is not None:
+        if target not in header:
+            raise UserError(f"{p}: target column {target!r} not found (columns: "
+                            f"{', '.join(header[:10])}{', ...' if len(header) > 10 else ''})")
+        t = header.index(target)
+    else:
+        t = next((header.index(c) for c in ("target", "label") if c in header), len(header) - 1)
+    for i, r in enumerate(body, start=2):
+        if len(r) != len(header):
+            raise UserError(f"{p}: line {i} has {len(r)} fields, the header has {len(header)}")
+    feats = [j for j in range(len(header)) if j != t]
+    x = np.empty((len(body), len(feats)), dtype=np.float64)
+    for i, r in enumerate(body):
+        for k, j in enumerate(feats):
+            try:
+                x[i, k] = float(r[j])
+            except ValueError:
+                raise UserError(f"{p}: non-numeric value {r[j]!r} in column {header[j]!r} "
+                                f"(line {i + 2})") from None
+    y = np.array([r[t].strip() for r in body], dtype=object)
+    return x, y, None
+
+
+def _read_npz(p: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except ValueError as e:
+        raise UserError(f"{p}: cannot read NPZ without pickle ({e})") from None
+    except Exception as e:  # zipfile.BadZipFile, OSError, EOFError
+        raise UserError(f"{p}: not a valid NPZ file ({type(e).__name__})") from None
+
+
+def _read_npy(p: Path) -> np.ndarray:
+    try:
+        return np.load(p, allow_pickle=False)
+    except ValueError as e:
+        raise UserError(f"{p}: cannot read NPY without pickle ({e})") from None
+    except Exception as e:
+        raise UserError(f"{p}: not a valid NPY file ({type(e).__name__})") from None
+
+
+def _xy(arrays: dict[str, np.ndarray], p: Path, suffix: str = "") -> tuple[np.ndarray, np.ndarray]:
+    xs = [k for k in (f"X{suffix}", f"x{suffix}") if k in arrays]
+    ys = [k for k in (f"y{suffix}", f"Y{suffix}") if k in arrays]
+    if not xs or not ys:
+        raise UserError(f"{p}: expected arrays 'X{suffix}' and 'y{suffix}', found "
+                        f"{', '.join(sorted(arrays)) or 'none'}")
+    return arrays[xs[0]], arrays[ys[0]]
+
+
+def _load_csv_dir(p, files, target, seed, task, val_fraction) -> FitData:
+    names = {f.name: f for f in files}
+    train = names.get("train.csv")
+    if train is None:
+        csvs = [f for f in files if f.suffix == ".csv"]
+        if len(csvs) != 1:
+            raise UserError(f"{p}: several CSV files but no train.csv "
+                            f"({', '.join(f.name for f in csvs)})")
+        train = csvs[0]
+    x, y, _ = _read_csv(train, target)
+    xv = yv = None
+    if "val.csv" in names:
+        xv, yv, _ = _read_csv(names["val.csv"], target)
+        if xv.shape[1] != x.shape[1]:
+            raise UserError(f"{names['val.csv']}: {xv.shape[1]} feature columns, "
+                            f"{train.name} has {x.shape[1]}")
+    data = _finish(x, y, xv, yv, train, "csv", seed, task, val_fraction, tabular=True)
+    if "test.csv" in names:
+        data.notes.append("test.csv found: not used (selection uses the validation split only)")
+    return data
+
+
+def _load_npz_dir(p, files, seed, task, val_fraction) -> FitData:
+    npz = {f.name: f for f in files if f.suffix == ".npz"}
+    train = npz.get("train.npz") or npz.get("data.npz")
+    if train is None:
+        if len(npz) != 1:
+            raise UserError(f"{p}: several .npz files but no train.npz ({', '.join(npz)})")
+        train = next(iter(npz.values()))
+    arrays = _read_npz(train)
+    x, y = _xy(arrays, train)
+    xv = yv = None
+    if "val.npz" in npz:
+        xv, yv = _xy(_read_npz(npz["val.npz"]), npz["val.npz"])
+    elif "X_val" in arrays:
+        xv, yv = _xy(arrays, train, suffix="_val")
+    return _finish(x, y, xv, yv, train, "npz", seed, task, val_fraction, tabular=x.ndim == 2)
+
+
+def _load_npy_dir(p, names, seed, task, val_fraction) -> FitData:
+    xn = next((n for n in ("X.npy", "x.npy") if n in names), None)
+    yn = next((n for n in ("y.npy", "Y.npy") if n in names), None)
+    if xn is None or yn is None:
+        raise UserError(f"{p}: .npy data needs X.npy and y.npy (found {', '.join(sorted(names))})")
+    x, y = _read_npy(p / xn), _read_npy(p / yn)
+    xv = yv = None
+    if "X_val.npy" in names and "y_val.npy" in names:
+        xv, yv = _read_npy(p / "X_val.npy"), _read_npy(p / "y_val.npy")
+    return _finish(x, y, xv, yv, p / xn, "npy", seed, task, val_fraction, tabular=x.ndim == 2)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (MNIST format), gzipped or not: magic, dims, big-endian uint8 data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as e:
+        raise UserError(f"{path}: cannot read IDX file ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    n = int(np.prod(dims))
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != n:
+        raise UserError(f"{path}: IDX header says {n} values, file holds {body.size}")
+    return body.reshape(dims)
+
+
+def _load_idx_dir(p, files, seed, task, val_fraction) -> FitData:
+    def find(kind: str, split: str) -> Path | None:
+        for f in files:
+            if f.name.startswith(split) and kind in f.name:
+                return f
+        return None
+
+    ti, tl = find("images-idx3", "train"), find("labels-idx1", "train")
+    if ti is None or tl is None:
+        raise UserError(f"{p}: MNIST-style data needs train-images-idx3-ubyte.gz and "
+                        "train-labels-idx1-ubyte.gz")
+    x, y = _read_idx(ti)[:, None].astype(np.float32) / 255.0, _read_idx(tl).astype(np.int64)
+    xv = yv = None
+    vi, vl = find("images-idx3", "t10k"), find("labels-idx1", "t10k")
+    if vi is not None and vl is not None:
+        xv, yv = _read_idx(vi)[:, None].astype(np.float32) / 255.0, _read_idx(vl).astype(np.int64)
+    data = _finish(x, y, xv, yv, ti, "idx", seed, task, val_fraction, tabular=False)
+    if xv is not None:
+        data.split = "given (t10k files as validation)"
+    return data
+
+
+def _load_image_folder(p, subdirs, seed, task, val_fraction) -> FitData:
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(d.name for d in subdirs)
+    items = []
+    for ci, c in enumerate(classes):
+        imgs = sorted(f for f in (p / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        items += [(f, ci) for f in imgs]
+    if not items:
+        raise UserError(f"{p}: image folder has class sub-folders but no PNG/JPEG files")
+    pics = []
+    for f, _ in items:
+        try:
+            with Image.open(f) as im:
+                pics.append(im.convert("RGB") if im.mode not in ("L", "1", "I;16") else
+                            im.convert("L"))
+        except (UnidentifiedImageError, OSError) as e:
+            raise UserError(f"{f}: cannot read image ({type(e).__name__})") from None
+    mode = "RGB" if any(im.mode == "RGB" for im in pics) else "L"
+    size = pics[0].size
+    arrs = []
+    for (f, _), im in zip(items, pics):
+        if im.size != size:
+            raise UserError(f"{f}: image size {im.size[0]}x{im.size[1]} differs from "
+                            f"{size[0]}x{size[1]} of the first image")
+        a = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
+        arrs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    x = np.stack(arrs)
+    y = np.array([ci for _, ci in items], dtype=np.int64)
+    data = _finish(x, y, None, None, p, "images", seed, task or "classification", val_fraction,
+                   tabular=False)
+    data.classes, data.n_classes = classes, len(classes)
+    return data
+
+
+def _builtin(name: str, seed, task, val_fraction) -> FitData:
+    from sklearn import datasets
+
+    if name == "digits":
+        d = datasets.load_digits()
+        return _finish(d.data, d.target, None, None, "digits", "sklearn digits", seed, task,
+                       val_fraction, tabular=True, source="digits (scikit-learn, bundled)")
+    d = datasets.load_diabetes()
+    # the raw target is in the hundreds; unit scale keeps the example's MSE readable
+    target = (d.target - d.target.mean()) / d.target.std()
+    return _finish(d.data, target, None, None, "diabetes", "sklearn diabetes",
+                   seed, task or "regression", val_fraction, tabular=True,
+                   source="diabetes (scikit-learn, bundled; target standardised)")
+
+
+# -- common finishing: checks, labels, split, standardisation ---------------------------------
+def _labels(y: np.ndarray, where, task: str | None) -> tuple[np.ndarray, str]:
+    """Targets as numbers and the inferred task (integers -> classification)."""
+    if y.dtype == object or y.dtype.kind in "US":
+        strs = [str(v) for v in y]
+        try:
+            vals = np.array([float(s) for s in strs])
+        except ValueError:
+            bad = next(s for s in strs if not _is_float(s))
+            if task == "regression":
+                raise UserError(f"{where}: non-numeric target {bad!r} in a regression task") from None
+            return np.array(strs, dtype=object), "classification"
+        integral = all(_is_int(s) for s in strs)
+        y = vals
+        inferred = "classification" if integral else "regression"
+    elif y.dtype.kind in "iub":
+        inferred = "classification"
+    elif y.dtype.kind == "f":
+        inferred = "regression"
+    else:
+        raise UserError(f"{where}: unsupported target dtype {y.dtype}")
+    return y, task or inferred
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _is_int(s: str) -> bool:
+    try:
+        int(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _check(x: np.ndarray, y: np.ndarray, where) -> None:
+    if x.shape[0] == 0:
+        raise UserError(f"{where}: no examples")
+    if x.shape[0] != y.shape[0]:
+        raise UserError(f"{where}: X has {x.shape[0]} rows but y has {y.shape[0]}")
+    if x.dtype.kind not in "fiub":
+        raise UserError(f"{where}: non-numeric inputs (dtype {x.dtype})")
+    if not np.isfinite(x).all():
+        raise UserError(f"{where}: inputs contain NaN or inf "
+                        f"({int((~np.isfinite(x)).sum())} values)")
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        raise UserError(f"{where}: targets contain NaN or inf")
+
+
+def _finish(x, y, xv, yv, where, fmt, seed, task, val_fraction, *, tabular,
+            label_names=None, source=None) -> FitData:
+    from sklearn.model_selection import train_test_split
+
+    x, y = np.asarray(x), np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    _check(x, np.asarray(y) if y.dtype != object else np.zeros(len(y)), where)
+    y, task = _labels(y, where, task)
+    if xv is not None:
+        xv, yv = np.asarray(xv), np.asarray(yv)
+        if yv.ndim == 2 and yv.shape[1] == 1:
+            yv = yv[:, 0]
+        _check(xv, yv if yv.dtype != object else np.zeros(len(yv)), where)
+        if xv.shape[1:] != x.shape[1:]:
+            raise UserError(f"{where}: validation inputs have shape {xv.shape[1:]}, "
+                            f"training inputs {x.shape[1:]}")
+        yv, _ = _labels(yv, where, task)
+    if task not in ("classification", "regression"):
+        raise UserError(f"{where}: task must be 'classification' or 'regression', got {task!r}")
+
+    classes = None
+    n_classes = None
+    if task == "classification":
+        if y.ndim != 1:
+            raise UserError(f"{where}: classification targets must be 1-D labels, got shape "
+                            f"{tuple(y.shape)}")
+        both = y if yv is None else np.concatenate([y, yv])
+        if both.dtype == object or both.dtype.kind == "f":
+            if both.dtype.kind == "f" and not np.all(both == np.round(both)):
+                raise UserError(f"{where}: classification targets must be integers or names")
+            if both.dtype.kind == "f":
+                both = both.astype(np.int64)
+                y = y.astype(np.int64)
+                yv = None if yv is None else yv.astype(np.int64)
+        if both.dtype == object or both.min() < 0:
+            classes = sorted(set(both.tolist()), key=str)
+            index = {c: i for i, c in enumerate(classes)}
+            y = np.array([index[v] for v in y.tolist()], dtype=np.int64)
+            yv = None if yv is None else np.array([index[v] for v in yv.tolist()], dtype=np.int64)
+            n_classes = len(classes)
+        else:
+            n_classes = int(both.max()) + 1
+        y = y.astype(np.int64)
+    else:
+        y = y.astype(np.float64)
+
+    split = "given"
+    if xv is None:
+        if len(x) < 2:
+            raise UserError(f"{where}: need at least 2 examples to split off validation data")
+        strat = None
+        if task == "classification":
+            _, counts = np.unique(y, return_counts=True)
+            n_val = max(1, int(round(val_fraction * len(y))))
+            if counts.min() >= 2 and n_val >= len(counts) and len(y) - n_val >= len(counts):
+                strat = y
+        x, xv, y, yv = train_test_split(x, y, test_size=val_fraction, random_state=seed,
+                                        stratify=strat)
+        split = f"random {round(100 * (1 - val_fraction))}/{round(100 * val_fraction)}, seed {seed}"
+
+    mean = std = None
+    x = x.astype(np.float64)
+    xv = xv.astype(np.float64)
+    if tabular:
+        mean = x.mean(axis=0)
+        std = x.std(axis=0)
+        std[std == 0] = 1.0
+        x, xv = (x - mean) / std, (xv - mean) / std
+    ydt = torch.int64 if task == "classification" else torch.float32
+    return FitData(
+        x_train=torch.as_tensor(x, dtype=torch.float32), y_train=torch.as_tensor(y, dtype=ydt),
+        x_val=torch.as_tensor(xv, dtype=torch.float32),
+        y_val=torch.as_tensor(np.asarray(yv, dtype=np.int64 if task == "classification"
+                                         else np.float64), dtype=ydt),
+        task=task, source=source or str(where), format=fmt, n_classes=n_classes, classes=classes,
+        standardized=tabular, mean=mean, std=std, split=split,
+    )
+
+
+def from_tensors(x: Tensor, y: Tensor, x_val: Tensor | None = None, y_val: Tensor | None = None,
+                 *, seed: int = 0, task: str | None = None,
+                 val_fraction: float = 0.2) -> FitData:
+    """In-memory tensors (the Python API) with the same checks and split; no standardisation
+    (the caller's loaders already preprocess)."""
+    def np_(t):
+        return None if t is None else torch.as_tensor(t).detach().cpu().numpy()
+
+    return _finish(np_(x), np_(y), np_(x_val), np_(y_val), "train_loader", "tensors", seed, task,
+                   val_fraction, tabular=False, source="data loaders")

@@ -1,0 +1,677 @@
+"""The fit pipeline: zoo race -> fine-tune -> Optuna baselines -> finals -> verdict.
+
+Phases (each resumable from the run directory's ``state.json`` and the Optuna storage):
+
+1. **race**: every zoo optimizer trains the model for ``probe = round(probe_fraction * steps)``
+   steps from the same initial weights and minibatches; lowest validation loss wins
+   (``optimizer=NAME`` skips it);
+2. **fine-tune** (``fine_tune = N > 0``): :func:`autol2o.meta.meta_train` on a
+   :class:`autol2o.meta.ModuleTask` of the user's model and data, N meta-iterations; the result is
+   saved with :func:`autol2o.zoo.save_entry` in ``RUN/fine-tuned/`` and used if its probe run is
+   not worse than the original's;
+3. **baselines**: one Optuna study per baseline (Adam, SGD), ``trials`` finished trials each, each
+   trial the full ``steps`` budget (see :mod:`autol2o.tuning`);
+4. **finals**: the learned optimizer and each baseline's best configuration, ``seeds`` fresh
+   seeds each (``seed + 1 ... seed + seeds``: not the seed the race and the trials were selected
+   on, so selection does not bias the comparison);
+5. **verdict**: winner, whether the gap exceeds seed noise, compute spent per side.
+
+Ctrl-C writes a partial report (``status = "interrupted"``) and keeps the run directory;
+``resume=True`` continues: the race and fine-tune results are read back, the studies run only
+their missing trials, and the finals (cheap, deterministic) are run again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import re
+import signal
+import socket
+import statistics
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from torch import nn
+
+from autol2o.errors import UserError
+from autol2o.tuning import (
+    Diverged,
+    best_trial,
+    compute_spent,
+    make_storage,
+    n_done,
+    open_study,
+    run_study,
+    steps_to_match,
+    suggest,
+    trial_record,
+)
+
+from . import report as rep
+from .problem import Problem
+from .progress import Reporter
+from .train import STOP, OptSpec, RunResult, default_eval_every, train_run
+
+DEFAULT_STEPS = 300
+SMALL_MODEL = 200_000
+STATE_FILE = "state.json"
+
+
+@dataclass
+class FitConfig:
+    """Knobs of one fit run (CLI flags map one-to-one)."""
+
+    steps: int = DEFAULT_STEPS          #: optimizer steps per training run (every contender)
+    batch_size: int = 128
+    probe_fraction: float = 0.1         #: race probe length as a fraction of ``steps``
+    trials: int = 20                    #: finished Optuna trials per baseline
+    seeds: int = 3                      #: seeds per contender in the finals
+    fine_tune: int = 0                  #: meta-iterations of fine-tuning (0: none)
+    optimizer: str | None = None        #: zoo entry to use (skips the race)
+    baselines: tuple[str, ...] = ("adam", "sgd")
+    device: str = "auto"
+    storage: str | None = None          #: Optuna storage URL (default: RUN/optuna.db)
+    study: str | None = None            #: study name prefix (default: the run's name)
+    n_jobs: int = 1                     #: parallel trials in this process
+    seed: int = 0
+    eval_every: int | None = None       #: validation interval (default: steps // 20)
+    zoo: str | None = None              #: zoo root (default: $AUTOL2O_ZOO or the shipped zoo)
+    #: CPU threads for torch; None = 1 for models under SMALL_MODEL parameters (their ops are
+    #: too small to split across threads: synchronisation costs more than it saves, badly so on
+    #: a busy machine), else torch's default
+    threads: int | None = None
+
+    def validate(self) -> None:
+        for k in ("steps", "batch_size", "trials", "seeds", "n_jobs"):
+            if getattr(self, k) < 1:
+                raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
+        if self.fine_tune < 0:
+            raise UserError(f"--fine-tune must be >= 0, got {self.fine_tune}")
+        if not 0 < self.probe_fraction <= 1:
+            raise UserError(f"--probe must lie in (0, 1], got {self.probe_fraction}")
+        bad = [b for b in self.baselines if b not in ("adam", "sgd")]
+        if bad:
+            raise UserError(f"unknown baseline(s) {', '.join(bad)} (choose from adam, sgd)")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise UserError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+    @property
+    def probe_steps(self) -> int:
+        return max(1, round(self.probe_fraction * self.steps))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["baselines"] = list(self.baselines)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FitConfig:
+        d = dict(d)
+        d["baselines"] = tuple(d.get("baselines", ("adam", "sgd")))
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Result:
+    """What :func:`autol2o.optimize` returns."""
+
+    winner: str                         #: name of the best contender in the finals
+    leaderboard: list[dict[str, Any]]   #: finals rows, best first (see report schema)
+    model: nn.Module | None             #: the model trained by the winner (first seed)
+    report: dict[str, Any]              #: the full ``report.json`` content
+    run_dir: Path = field(default_factory=Path)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine")
+    return torch.device(name)
+
+
+# -- run directory ----------------------------------------------------------------------------
+def new_run_dir(out: str | Path | None, model_name: str, base: Path = Path("runs")) -> Path:
+    """Create the run directory; never reuse a non-empty one (no silent overwrite)."""
+    if out is not None:
+        d = Path(out)
+        if d.exists() and (not d.is_dir() or any(d.iterdir())):
+            raise UserError(f"{d}: output directory already exists and is not empty "
+                            f"(choose another --out, or continue it with --resume {d})")
+    else:
+        stem = time.strftime("%Y%m%d-%H%M%S") + "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name)
+        d, k = base / stem, 1
+        while d.exists():
+            k += 1
+            d = base / f"{stem}-{k}"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{d}: cannot write the run directory ({e.strerror or e})") from e
+    return d
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    f = Path(run_dir) / STATE_FILE
+    if not f.is_file():
+        raise UserError(f"{f}: not found; --resume needs a run directory made by autol2o fit")
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{f}: cannot read run state ({type(e).__name__})") from e
+
+
+# -- the pipeline -----------------------------------------------------------------------------
+class FitRun:
+    """One execution of the pipeline in ``run_dir`` (fresh or resumed)."""
+
+    def __init__(self, problem: Problem, cfg: FitConfig, run_dir: Path, *,
+                 inputs: dict[str, Any] | None = None, reporter: Reporter | None = None,
+                 state: dict[str, Any] | None = None):
+        self.p, self.cfg, self.dir = problem, cfg, Path(run_dir)
+        self.out = reporter or Reporter(False)
+        self.eval_every = cfg.eval_every or default_eval_every(cfg.steps)
+        self.state = state or {"config": cfg.to_dict(), "inputs": inputs or {}, "phases": {},
+                               "created": _now()}
+        self.state.setdefault("phases", {})
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.storage_url = cfg.storage or f"sqlite:///{(self.dir / 'optuna.db').resolve()}"
+        self.study_prefix = cfg.study or self.dir.name
+        self.finals: dict[str, list[RunResult]] = {}
+        self.finals_specs: list[OptSpec] = []
+        self.race_runs: list[RunResult] = []
+        self.studies: dict[str, optuna.Study] = {}
+        self._storage: optuna.storages.BaseStorage | None = None
+        self.timings: dict[str, float] = dict(self.state.get("timings", {}))
+        self.my_trials: dict[str, list[int]] = {k: list(v) for k, v in
+                                                self.state.get("my_trials", {}).items()}
+
+    # state ---------------------------------------------------------------------------------
+    def _save_state(self) -> None:
+        self.state["timings"] = self.timings
+        self.state["my_trials"] = self.my_trials
+        rep.atomic_write_text(self.dir / STATE_FILE, json.dumps(self.state, indent=2))
+
+    def run(self) -> Result:
+        self.state["status"] = "running"
+        self._save_state()
+        try:
+            with _graceful_sigint():
+                rule, rule_name = self._race()
+                rule, rule_name = self._fine_tune(rule, rule_name)
+                for kind in self.cfg.baselines:
+                    self._tune(kind)
+                self._finals(rule, rule_name)
+        except KeyboardInterrupt:
+            self.state["status"] = "interrupted"
+            self._save_state()
+            self._write_report(status="interrupted")
+            self.out.log(f"interrupted: partial report in {self.dir}; continue with "
+                         f"`autol2o fit --resume {self.dir}`", always=True)
+            raise
+        report, model = self._write_report(status="complete")
+        self.state["status"] = "complete"   # only once the report is on disk
+        self._save_state()
+        return Result(report["verdict"]["winner"], report["leaderboard"], model, report, self.dir)
+
+    # phase 1 -------------------------------------------------------------------------------
+    def _race(self):
+        from autol2o.zoo import list_entries, load_rule
+
+        cfg, ph = self.cfg, self.state["phases"]
+        if "race" in ph:
+            r = ph["race"]
+            return load_rule(r["picked_path"]), r["picked"]
+        t0 = time.perf_counter()
+        if cfg.optimizer:
+            rule = load_rule(cfg.optimizer, cfg.zoo)
+            name = Path(cfg.optimizer).name
+            ph["race"] = {"skipped": True, "picked": name,
+                          "picked_path": str(_entry_path(cfg.optimizer, cfg.zoo).resolve()),
+                          "probe_steps": 0, "entries": [], "steps": 0}
+            self.out.log(f"race skipped: using {name} (--optimizer)")
+            self._save_state()
+            return rule, name
+        entries = list_entries(cfg.zoo)
+        rows, best = [], None
+        with self.out.phase(f"race ({len(entries)} zoo optimizers)", len(entries)) as adv:
+            for e in entries:
+                try:
+                    rule = load_rule(e.path)
+                except UserError as err:
+                    rows.append({"name": e.name, "error": str(err), "val_loss": None,
+                                 "diverged": False, "steps": 0, "wall_time": 0.0})
+                    adv(note=f"{e.name}: unusable")
+                    continue
+                r = train_run(self.p, OptSpec("learned", e.name, rule=rule),
+                              steps=cfg.probe_steps, seed=cfg.seed, batch_size=cfg.batch_size,
+                              eval_every=default_eval_every(cfg.probe_steps))
+                self.race_runs.append(r)
+                rows.append({"name": e.name, "path": str(e.path.resolve()),
+                             "val_loss": _num(r.final_val_loss),
+                             "val_acc": r.final_val_acc, "diverged": r.diverged,
+                             "steps": r.steps_run, "wall_time": r.wall_time,
+                             "curve": r.to_dict()})
+                if not r.diverged and (best is None or r.final_val_loss < best[0]):
+                    best = (r.final_val_loss, e.name, e.path, rule)
+                adv(note=f"{e.name}: {_fmt(r.final_val_loss)}")
+        if best is None:  # every entry diverged or was unusable: keep the first usable one
+            usable = [row for row in rows if "error" not in row]
+            if not usable:
+                raise UserError(f"zoo {entries[0].path.parent}: no usable learned optimizer "
+                                f"({rows[0]['error']})")
+            name = usable[0]["name"]
+            best = (math.inf, name, Path(usable[0]["path"]), load_rule(usable[0]["path"]))
+        self.timings["race"] = time.perf_counter() - t0
+        ph["race"] = {"skipped": False, "picked": best[1], "picked_path": str(Path(best[2]).resolve()),
+                      "probe_steps": cfg.probe_steps, "entries": rows,
+                      "steps": sum(r["steps"] for r in rows)}
+        self.out.log("race: " + ", ".join(
+            f"{r['name']} {'diverged' if r['diverged'] else _fmt(r['val_loss'])}" for r in rows)
+            + f" -> {best[1]}")
+        self._save_state()
+        return best[3], best[1]
+
+    # phase 2 -------------------------------------------------------------------------------
+    def _fine_tune(self, rule, name):
+        from autol2o.zoo import load_rule
+
+        cfg, ph = self.cfg, self.state["phases"]
+        if cfg.fine_tune <= 0:
+            return rule, name
+        if "fine_tune" in ph:
+            f = ph["fine_tune"]
+            return (load_rule(f["path"]), f["name"]) if f["used"] else (rule, name)
+        from autol2o.meta import ModuleTask, TrainConfig, meta_train
+        from autol2o.zoo import save_entry
+
+        t0 = time.perf_counter()
+        d = self.p.data
+        task = ModuleTask(self.p.model.fresh, d.x_train, d.y_train, self.p.loss_fn,
+                          batch_size=cfg.batch_size, name=self.p.model.name, x_val=d.x_val,
+                          y_val=d.y_val, device=self.p.device)
+        horizon = min(cfg.steps, 100)
+        tc = TrainConfig(horizon=horizon, unroll=min(20, horizon), iterations=cfg.fine_tune,
+                         batch=4, seed=cfg.seed, validate_every=max(1, cfg.fine_tune // 4),
+                         val_runs=2, checkpoint_every=max(1, cfg.fine_tune // 4))
+        self.out.log(f"fine-tune: meta-training {name} for {cfg.fine_tune} iterations "
+                     f"(horizon {tc.horizon}, unroll {tc.unroll}, {tc.batch} instances)")
+        res = meta_train(copy.deepcopy(rule), task, tc, device=self.p.device,
+                         checkpoint_dir=self.dir / "fine-tune-checkpoint", resume=True,
+                         progress=self.out.enabled, val_tasks=[task.validation_task()])
+        ft_name = f"{name}-ft"
+        card = {"name": ft_name, "base": name, "trained_on": [task.spec],
+                "train_config": tc.to_dict(), **res.card_fields,
+                "command": f"autol2o fit --fine-tune {cfg.fine_tune} (run {self.dir.name})"}
+        path = save_entry(res.rule, self.dir / "fine-tuned", card, overwrite=True).resolve()
+        # Keep the fine-tuned rule only if a probe run says it is not worse than the original.
+        probe = cfg.probe_steps
+        r_old = train_run(self.p, OptSpec("learned", name, rule=rule), steps=probe, seed=cfg.seed,
+                          batch_size=cfg.batch_size)
+        r_new = train_run(self.p, OptSpec("learned", ft_name, rule=res.rule), steps=probe,
+                          seed=cfg.seed, batch_size=cfg.batch_size)
+        used = r_new.final_val_loss <= r_old.final_val_loss
+        self.timings["fine_tune"] = time.perf_counter() - t0
+        ph["fine_tune"] = {
+            "name": ft_name, "path": str(path), "iterations": cfg.fine_tune,
+            # meta-training unrolls + its validation runs + the two probe runs
+            "optimizee_steps": cfg.fine_tune * tc.unroll * tc.batch
+            + (cfg.fine_tune // tc.validate_every) * tc.val_runs * tc.horizon + 2 * probe,
+            "diverged_runs": res.diverged, "best_val": res.best_val,
+            "probe_val_loss_before": _num(r_old.final_val_loss),
+            "probe_val_loss_after": _num(r_new.final_val_loss), "used": used,
+            "wall_time": self.timings["fine_tune"],
+        }
+        self.out.log(f"fine-tune: probe val loss {_fmt(r_old.final_val_loss)} -> "
+                     f"{_fmt(r_new.final_val_loss)} ({'using' if used else 'not using'} {ft_name})")
+        self._save_state()
+        return (res.rule, ft_name) if used else (rule, name)
+
+    # phase 3 -------------------------------------------------------------------------------
+    def _study(self, kind: str) -> optuna.Study:
+        if kind not in self.studies:
+            if self._storage is None:
+                self._storage = make_storage(self.storage_url)
+            storage = self._storage
+            self.studies[kind] = open_study(storage, f"{self.study_prefix}-{kind}", self.cfg.seed,
+                                            shared=self.cfg.storage is not None,
+                                            warmup_steps=self.cfg.steps // 10)
+        return self.studies[kind]
+
+    def _tune(self, kind: str) -> None:
+        cfg = self.cfg
+        study = self._study(kind)
+        t0 = time.perf_counter()
+        mine = self.my_trials.setdefault(kind, [])
+
+        def objective(trial: optuna.Trial) -> float:
+            params = suggest(trial, kind)
+            trial.set_user_attr("worker", self.worker)
+            curve: list[tuple[int, float]] = []
+            t1 = time.perf_counter()
+
+            def record(steps_run: int) -> None:
+                trial.set_user_attr("steps_run", steps_run)
+                trial.set_user_attr("wall_time", time.perf_counter() - t1)
+                trial.set_user_attr("curve_steps", [s for s, _ in curve])
+                trial.set_user_attr("curve_val", [_num(v) for _, v in curve])
+
+            def on_eval(step: int, v: float) -> None:
+                curve.append((step, v))
+                trial.report(v, step)
+                if trial.should_prune():
+                    record(step)
+                    raise optuna.TrialPruned()
+
+            r = train_run(self.p, OptSpec(kind, kind, params), steps=cfg.steps, seed=cfg.seed,
+                          batch_size=cfg.batch_size, eval_every=self.eval_every, on_eval=on_eval)
+            if r.diverged:
+                curve.append((r.steps[-1], math.inf))
+                record(r.steps_run)
+                trial.set_user_attr("diverged", True)
+                raise Diverged(f"{kind} {params} diverged at step {r.steps_run}")
+            record(r.steps_run)
+            return r.final_val_loss
+
+        start = n_done(study)
+        title = f"tuning {kind} (Optuna TPE, {cfg.trials} trials)"
+        with self.out.phase(title, cfg.trials) as adv:
+            adv(min(start, cfg.trials), note="resumed" if start else "")
+
+            def on_trial(t: optuna.trial.FrozenTrial) -> None:
+                mine.append(t.number)
+                b = best_trial(study)
+                adv(note=f"best {_fmt(b.value) if b else '-'}")
+
+            run_study(study, objective, cfg.trials, n_jobs=cfg.n_jobs, on_trial=on_trial)
+        self.timings[f"tune_{kind}"] = self.timings.get(f"tune_{kind}", 0.0) + \
+            time.perf_counter() - t0
+        b = best_trial(study)
+        self.out.log(f"tuning {kind}: {n_done(study)} trials, best "
+                     f"{_fmt(b.value) if b else 'none (all failed)'}"
+                     + (f" with {_params(b.params)}" if b else ""))
+        self._save_state()
+
+    # phase 4 -------------------------------------------------------------------------------
+    def _finals(self, rule, rule_name: str) -> None:
+        cfg = self.cfg
+        contenders: list[OptSpec] = [OptSpec("learned", rule_name, rule=rule)]
+        for kind in cfg.baselines:
+            b = best_trial(self._study(kind))
+            if b is not None:
+                contenders.append(OptSpec(kind, kind, dict(b.params)))
+        self.finals_specs = contenders
+        # Fresh seeds: the race and the Optuna trials selected on seed `cfg.seed`, so reusing it
+        # here would hand the selected configurations an optimistic (winner's-curse) result.
+        seeds = [cfg.seed + 1 + i for i in range(cfg.seeds)]
+        t0 = time.perf_counter()
+        with self.out.phase(f"finals ({len(contenders)} x {cfg.seeds} seeds)",
+                            len(contenders) * len(seeds)) as adv:
+            for spec in contenders:
+                runs = []
+                for s in seeds:
+                    r = train_run(self.p, spec, steps=cfg.steps, seed=s,
+                                  batch_size=cfg.batch_size, eval_every=self.eval_every,
+                                  keep_state=s == seeds[0])
+                    runs.append(r)
+                    adv(note=f"{spec.name} seed {s}: "
+                             f"{'diverged' if r.diverged else _fmt(r.final_val_loss)}")
+                self.finals[spec.name] = runs
+        self.timings["finals"] = time.perf_counter() - t0
+
+    # phase 5 + outputs ---------------------------------------------------------------------
+    def _write_report(self, status: str) -> tuple[dict[str, Any], nn.Module | None]:
+        report = self.build_report(status)
+        model = None
+        if status == "complete" and report["verdict"]["winner"]:
+            winner = report["verdict"]["winner"]
+            state = self.finals[winner][0].state
+            if state is not None:
+                model = self.p.initial(self.finals[winner][0].seed)
+                model.load_state_dict(state)
+                rep.save_weights(model, self.dir / "model.safetensors")
+                report["artifacts"]["weights"] = "model.safetensors"
+        d = self.p.data
+        if d.standardized and d.mean is not None:
+            # what a user needs to feed new data to the saved model: x' = (x - mean) / std
+            rep.atomic_write_text(self.dir / "preprocessing.json", json.dumps(
+                {"standardize": {"mean": d.mean.tolist(), "std": d.std.tolist()},
+                 "formula": "x_model = (x - mean) / std, statistics of the training split"}))
+            report["artifacts"]["preprocessing"] = "preprocessing.json"
+        rep.write_all(self.dir, report, self.finals, self.race_runs)
+        return report, model
+
+    def build_report(self, status: str) -> dict[str, Any]:
+        cfg, ph = self.cfg, self.state["phases"]
+        tuning = {}
+        for kind in cfg.baselines:
+            try:
+                study = self._study(kind)
+            except UserError:
+                continue
+            b = best_trial(study)
+            trials = [trial_record(t) for t in study.get_trials(deepcopy=False)]
+            tuning[kind] = {
+                "study": study.study_name, "storage": _redact(self.storage_url),
+                "n_trials": len(trials),
+                "n_complete": sum(t["state"] == "COMPLETE" for t in trials),
+                "n_pruned": sum(t["state"] == "PRUNED" for t in trials),
+                "n_failed": sum(t["state"] == "FAIL" for t in trials),
+                "n_diverged": sum(t["diverged"] for t in trials),
+                "best_params": dict(b.params) if b else None,
+                "best_value": b.value if b else None,
+                "compute": compute_spent(study),
+                "trials_by_this_process": sorted(set(self.my_trials.get(kind, []))),
+                "trials": trials,
+            }
+        leaderboard = self._leaderboard()
+        verdict = self._verdict(leaderboard, tuning)
+        search_steps = ph.get("race", {}).get("steps", 0) + \
+            ph.get("fine_tune", {}).get("optimizee_steps", 0)
+        dash = f"optuna-dashboard {self.storage_url}"
+        return {
+            "schema_version": rep.SCHEMA_VERSION,
+            "status": status,
+            "autol2o_version": _version(),
+            "created": self.state.get("created"),
+            "finished": _now(),
+            "run_dir": str(self.dir),
+            "device": str(self.p.device),
+            "inputs": {**self.state.get("inputs", {}), **self.p.summary(),
+                       "data": self.p.data.summary()},
+            "config": cfg.to_dict() | {"probe_steps": cfg.probe_steps,
+                                       "eval_every": self.eval_every},
+            "race": ph.get("race"),
+            "fine_tune": ph.get("fine_tune"),
+            "tuning": tuning,
+            "finals": [self._final_row(name, runs) for name, runs in self.finals.items()],
+            "leaderboard": leaderboard,
+            "verdict": verdict | {"learned_search_steps": search_steps},
+            "timings": self.timings,
+            "artifacts": {"report_json": "report.json", "report_md": "report.md",
+                          "metrics": "metrics.csv", "curves": "curves.png" if self.finals else None,
+                          "weights": None,
+                          "optuna_storage": _redact(self.storage_url),
+                          "optuna_db": "optuna.db" if cfg.storage is None else None,
+                          "dashboard_command": _redact(dash)},
+        }
+
+    def _final_row(self, name: str, runs: list[RunResult]) -> dict[str, Any]:
+        spec = next(s for s in self.finals_specs if s.name == name)
+        return {"name": name, "kind": spec.kind, "params": spec.params,
+                "val_loss": _stats([r.final_val_loss for r in runs]),
+                "val_acc": _stats([r.final_val_acc for r in runs])
+                if self.p.task == "classification" else None,
+                "train_loss": _stats([r.final_train_loss for r in runs]),
+                "diverged": sum(r.diverged for r in runs), "seeds": [r.seed for r in runs],
+                "steps": sum(r.steps_run for r in runs),
+                "wall_time": sum(r.wall_time for r in runs),
+                "runs": [r.to_dict() for r in runs]}
+
+    def _leaderboard(self) -> list[dict[str, Any]]:
+        rows = []
+        for name, runs in self.finals.items():
+            spec = next(s for s in self.finals_specs if s.name == name)
+            vl = _stats([r.final_val_loss for r in runs])
+            va = _stats([r.final_val_acc for r in runs]) if self.p.task == "classification" \
+                else None
+            rows.append({"name": name, "kind": spec.kind, "params": spec.params,
+                         "val_loss_mean": vl["mean"], "val_loss_std": vl["std"],
+                         "val_acc_mean": va["mean"] if va else None,
+                         "val_acc_std": va["std"] if va else None,
+                         "n_seeds": len(runs), "diverged": sum(r.diverged for r in runs)})
+        rows.sort(key=lambda r: (r["val_loss_mean"] is None, r["val_loss_mean"] or 0.0))
+        for i, r in enumerate(rows, 1):
+            r["rank"] = i
+        return rows
+
+    def _verdict(self, board: list[dict[str, Any]], tuning: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {"winner": None, "runner_up": None, "gap": None, "noise": None,
+                               "significant": None, "summary": "no finals were run"}
+        ranked = [r for r in board if r["val_loss_mean"] is not None]
+        learned = next((r for r in board if r["kind"] == "learned"), None)
+        ph = self.state["phases"]
+        race_steps = ph.get("race", {}).get("steps", 0)
+        ft_steps = ph.get("fine_tune", {}).get("optimizee_steps", 0)
+        compute: dict[str, Any] = {}
+        if learned is not None:
+            runs = self.finals[learned["name"]]
+            compute["learned"] = {
+                "search_steps": race_steps + ft_steps,
+                "search_wall_time": self.timings.get("race", 0.0) +
+                self.timings.get("fine_tune", 0.0),
+                "final_runs": len(runs), "final_steps": sum(r.steps_run for r in runs),
+                "final_wall_time": sum(r.wall_time for r in runs)}
+        for kind, t in tuning.items():
+            runs = self.finals.get(kind, [])
+            compute[kind] = {"search_steps": t["compute"]["steps"],
+                             "search_trials": t["compute"]["trials"],
+                             "search_wall_time": t["compute"]["wall_time"],
+                             "final_runs": len(runs), "final_steps": sum(r.steps_run for r in runs),
+                             "final_wall_time": sum(r.wall_time for r in runs)}
+        out["compute"] = compute
+        # "steps the tuned baseline needed, in total, to match the learned optimizer's result"
+        match: dict[str, int | None] = {}
+        target = learned["val_loss_mean"] if learned else None
+        if target is not None:
+            for kind in tuning:
+                match[kind] = steps_to_match(self._study(kind), target)
+        out["learned_target_val_loss"] = target
+        out["baseline_steps_to_match_learned"] = match
+        # the reverse: learned steps (search + first seed's run) to reach the best Adam trial
+        adam = tuning.get("adam")
+        if learned is not None and adam and adam["best_value"] is not None:
+            first = self.finals[learned["name"]][0]
+            s = first.steps_to_reach(adam["best_value"])
+            out["best_adam_trial_val_loss"] = adam["best_value"]
+            out["learned_steps_to_match_best_adam"] = None if s is None else \
+                race_steps + ft_steps + s
+        if not ranked:
+            out["summary"] = "every contender diverged"
+            return out
+        w = ranked[0]
+        out["winner"] = w["name"]
+        if len(ranked) > 1:
+            r = ranked[1]
+            gap = r["val_loss_mean"] - w["val_loss_mean"]
+            out.update(runner_up=r["name"], gap=gap)
+            if w["n_seeds"] > 1 and r["n_seeds"] > 1:
+                # two standard errors of the difference of the two seed means
+                noise = 2 * math.sqrt(w["val_loss_std"] ** 2 / w["n_seeds"] +
+                                      r["val_loss_std"] ** 2 / r["n_seeds"])
+                out.update(noise=noise, significant=gap > noise)
+        sig = {True: "the gap exceeds seed noise", False: "the gap is within seed noise",
+               None: "seed noise cannot be assessed with one seed"}[out["significant"]]
+        text = f"{w['name']} wins with validation loss {_fmt(w['val_loss_mean'])}"
+        if out["runner_up"]:
+            text += f", {_fmt(out['gap'])} ahead of {out['runner_up']}; {sig}"
+        if learned is not None and match:
+            parts = []
+            for kind, s in match.items():
+                spent = compute[kind]["search_steps"]
+                parts.append(f"{kind} needed {s} tuning steps to match it" if s is not None else
+                             f"{kind} never matched it in {spent} tuning steps")
+            text += (f". The learned optimizer {learned['name']} used "
+                     f"{compute['learned']['search_steps']} search steps and no tuning; "
+                     + "; ".join(parts))
+        out["summary"] = text + "."
+        return out
+
+
+# -- helpers -----------------------------------------------------------------------------------
+@contextmanager
+def _graceful_sigint():
+    """First Ctrl-C: stop at the next training step (see :data:`train.STOP`); second: at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if STOP.is_set():
+            raise KeyboardInterrupt
+        STOP.set()
+        sys.stderr.write("\nstopping after the current step (Ctrl-C again to stop at once)\n")
+
+    old = signal.signal(signal.SIGINT, handler)
+    STOP.clear()
+    try:
+        yield
+        if STOP.is_set():  # Ctrl-C after the last training step: still an interruption
+            raise KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGINT, old)
+        STOP.clear()
+
+
+def _entry_path(name: str, root: str | None) -> Path:
+    from autol2o.zoo import resolve
+
+    return resolve(name, root)
+
+
+def _num(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
+
+
+def _stats(vals: list[float | None]) -> dict[str, Any]:
+    ok = [v for v in vals if v is not None and math.isfinite(v)]
+    return {"mean": statistics.fmean(ok) if ok and len(ok) == len(vals) else None,
+            "std": statistics.stdev(ok) if len(ok) > 1 and len(ok) == len(vals) else
+            (0.0 if len(ok) == 1 == len(vals) else None),
+            "values": [_num(v) for v in vals]}
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None or not math.isfinite(v) else f"{v:.4g}"
+
+
+def _params(p: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
+
+
+def _redact(url: str) -> str:
+    """Hide a password in an RDB URL before it goes into files."""
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _version() -> str:
+    from autol2o import __version__
+
+    return __version__

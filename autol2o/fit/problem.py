@@ -1,0 +1,233 @@
+"""The user's model: loading ``MODEL.py``, fresh seeded copies, the loss, and shape checks.
+
+``MODEL.py`` is run as a module.  Its entry point is, in this order:
+
+1. ``build_model()`` -- called once per seed after ``torch.manual_seed(seed)``;
+2. a module-level ``model`` (an ``nn.Module``) -- used as given for seed 0; other seeds re-draw
+   its weights with every sub-module's ``reset_parameters()`` under ``torch.manual_seed(seed)``;
+3. a class ``Model`` with a no-argument constructor (like ``build_model``).
+
+Optional names: ``task = "classification" | "regression"`` and ``loss_fn(output, target)``.
+Default losses: cross-entropy for classification, mean squared error for regression.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from autol2o.errors import UserError
+
+from .data import FitData
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+@dataclass
+class UserModel:
+    """How to build fresh copies of the user's model, plus its optional ``task``/``loss_fn``."""
+
+    name: str
+    source: str                          # path of MODEL.py, or "<api>"
+    entry: str                           # "build_model" | "model" | "Model" | "module" | "callable"
+    factory: Callable[[], nn.Module] | None = None
+    instance: nn.Module | None = None
+    task: str | None = None
+    loss_fn: LossFn | None = None
+
+    def build(self, seed: int) -> nn.Module:
+        """A model with seed-determined initial weights (same seed -> same weights)."""
+        try:
+            if self.instance is not None:
+                m = copy.deepcopy(self.instance)
+                if seed != 0:
+                    torch.manual_seed(seed)
+                    for sub in m.modules():
+                        if hasattr(sub, "reset_parameters"):
+                            sub.reset_parameters()
+            else:
+                torch.manual_seed(seed)
+                m = self.factory()
+        except Exception as e:
+            raise UserError(f"{self.source}: building the model failed: {_one_line(e)}") from e
+        if not isinstance(m, nn.Module):
+            raise UserError(f"{self.source}: {self.entry} returned {type(m).__name__}, "
+                            "not a torch.nn.Module")
+        return m
+
+    def fresh(self) -> nn.Module:
+        """A model with random initial weights drawn from the global RNG (for meta-training)."""
+        if self.instance is None:
+            return self.factory()
+        m = copy.deepcopy(self.instance)
+        for sub in m.modules():
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+        return m
+
+
+def load_model_file(path: str | Path) -> UserModel:
+    """Run ``MODEL.py`` and find its entry point; any failure is one :class:`UserError` line."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{p}: model file not found")
+    if not p.is_file():
+        raise UserError(f"{p}: model path is not a file")
+    mod_name = f"autol2o_user_model_{abs(hash(str(p.resolve())))}"
+    try:
+        source = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{p}: cannot read model file ({_one_line(e)})") from e
+    try:
+        code = compile(source, str(p), "exec")
+    except SyntaxError as e:
+        raise UserError(f"{p}: syntax error at line {e.lineno}: {e.msg}") from e
+    spec = importlib.util.spec_from_file_location(mod_name, p)
+    module = importlib.util.module_from_spec(spec)
+    # Let MODEL.py import its neighbours, as `python MODEL.py` would.
+    sys.path.insert(0, str(p.parent.resolve()))
+    sys.modules[mod_name] = module
+    try:
+        exec(code, module.__dict__)
+    except Exception as e:
+        sys.modules.pop(mod_name, None)
+        raise UserError(f"{p}: raised {_one_line(e)} while loading") from e
+    finally:
+        sys.path.pop(0)
+    ns = module.__dict__
+    name = p.stem
+    task = ns.get("task")
+    if task is not None and task not in ("classification", "regression"):
+        raise UserError(f"{p}: task must be 'classification' or 'regression', got {task!r}")
+    loss_fn = ns.get("loss_fn")
+    if loss_fn is not None and not callable(loss_fn):
+        raise UserError(f"{p}: loss_fn must be callable, got {type(loss_fn).__name__}")
+    if callable(ns.get("build_model")):
+        um = UserModel(name, str(p), "build_model", factory=ns["build_model"])
+    elif isinstance(ns.get("model"), nn.Module):
+        um = UserModel(name, str(p), "model", instance=ns["model"])
+    elif isinstance(ns.get("Model"), type) and issubclass(ns["Model"], nn.Module):
+        um = UserModel(name, str(p), "Model", factory=ns["Model"])
+    else:
+        raise UserError(f"{p}: no entry point: define build_model(), a module-level `model` "
+                        "(an nn.Module) or a class `Model`")
+    um.task, um.loss_fn = task, loss_fn
+    return um
+
+
+def from_object(model: nn.Module | Callable[[], nn.Module], *, task: str | None = None,
+                loss_fn: LossFn | None = None) -> UserModel:
+    """Wrap an ``nn.Module`` instance or a zero-argument factory (the Python API)."""
+    if isinstance(model, nn.Module):
+        return UserModel(type(model).__name__.lower(), "<api model>", "module", instance=model,
+                         task=task, loss_fn=loss_fn)
+    if callable(model):
+        name = getattr(model, "__name__", type(model).__name__).lower()
+        return UserModel(name, "<api model>", "callable", factory=model, task=task,
+                         loss_fn=loss_fn)
+    raise UserError(f"model must be an nn.Module or a callable returning one, got "
+                    f"{type(model).__name__}")
+
+
+# -- losses and checks -------------------------------------------------------------------------
+def default_loss(task: str) -> LossFn:
+    if task == "classification":
+        return F.cross_entropy
+
+    def mse(out: Tensor, y: Tensor) -> Tensor:
+        return F.mse_loss(out.reshape(y.shape), y)
+
+    return mse
+
+
+def accuracy(out: Tensor, y: Tensor) -> Tensor:
+    return (out.argmax(dim=1) == y).float().mean()
+
+
+@dataclass
+class Problem:
+    """Everything a training run needs: the model recipe, the data on its device, the loss."""
+
+    model: UserModel
+    data: FitData
+    device: torch.device
+    loss_fn: LossFn = field(init=False)
+    task: str = field(init=False)
+    n_params: int = 0
+
+    def __post_init__(self) -> None:
+        self.task = self.model.task or self.data.task
+        if self.task != self.data.task:
+            if self.task == "classification" and self.data.y_train.dtype != torch.int64:
+                raise UserError(f"{self.model.source}: task = 'classification' but the targets "
+                                f"in {self.data.source} are not integer labels")
+            if self.task == "regression":
+                self.data.y_train = self.data.y_train.float()
+                self.data.y_val = self.data.y_val.float()
+        self.loss_fn = self.model.loss_fn or default_loss(self.task)
+        d = self.device
+        self.data.x_train, self.data.y_train = self.data.x_train.to(d), self.data.y_train.to(d)
+        self.data.x_val, self.data.y_val = self.data.x_val.to(d), self.data.y_val.to(d)
+        self._templates: dict[int, nn.Module] = {}
+
+    def initial(self, seed: int) -> nn.Module:
+        """A fresh copy of the seed's initial model (identical for every contender)."""
+        if seed not in self._templates:
+            self._templates[seed] = self.model.build(seed).to(self.device)
+        return copy.deepcopy(self._templates[seed])
+
+    def check(self) -> None:
+        """Run the model on a few examples and verify output shape and loss (before any work)."""
+        m = self.initial(0)
+        src = self.model.source
+        self.n_params = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        if self.n_params == 0:
+            raise UserError(f"{src}: the model has no trainable parameters")
+        if any(not p.is_floating_point() for p in m.parameters()):
+            raise UserError(f"{src}: the model has non-floating-point parameters")
+        x, y = self.data.x_train[:8], self.data.y_train[:8]
+        try:
+            out = m(x)
+        except Exception as e:
+            raise UserError(f"{src}: forward pass failed on inputs of shape "
+                            f"{tuple(x.shape)}: {_one_line(e)}") from e
+        if not isinstance(out, Tensor):
+            raise UserError(f"{src}: the model returned {type(out).__name__}, not a Tensor")
+        b = x.shape[0]
+        if self.task == "classification" and self.model.loss_fn is None:
+            k = self.data.n_classes or int(y.max()) + 1
+            if out.ndim != 2 or out.shape[0] != b or out.shape[1] < k:
+                raise UserError(f"{src}: model output shape {tuple(out.shape)} does not match the "
+                                f"labels: expected ({b}, {k}) for {k} classes")
+        elif self.task == "regression" and self.model.loss_fn is None:
+            if out.shape[0] != b or out[0].numel() != y[0].numel():
+                want = (b,) + tuple(y.shape[1:]) if y.ndim > 1 else f"({b},) or ({b}, 1)"
+                raise UserError(f"{src}: model output shape {tuple(out.shape)} does not match "
+                                f"the targets: expected {want}")
+        try:
+            loss = self.loss_fn(out, y)
+        except Exception as e:
+            raise UserError(f"{src}: the loss failed on the model output of shape "
+                            f"{tuple(out.shape)}: {_one_line(e)}") from e
+        if not isinstance(loss, Tensor) or loss.numel() != 1:
+            raise UserError(f"{src}: loss_fn must return a scalar tensor")
+
+    def summary(self) -> dict[str, Any]:
+        return {"model": self.model.source, "model_name": self.model.name,
+                "entry_point": self.model.entry, "task": self.task, "n_params": self.n_params,
+                "loss": "loss_fn (user)" if self.model.loss_fn else
+                ("cross_entropy" if self.task == "classification" else "mse")}

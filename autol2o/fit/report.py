@@ -1,0 +1,254 @@
+"""Run-directory outputs: ``report.json`` (schema below), ``report.md``, ``metrics.csv``,
+``curves.png`` and the winner's weights.  Every file is written to a temporary name and renamed,
+so an interrupted run never leaves a half-written file.
+
+``report.json`` schema, ``schema_version`` 1 (losses are ``null`` where a run diverged)::
+
+    schema_version   int, 1
+    status           "complete" | "interrupted" (partial: later sections may be empty)
+    autol2o_version, created, finished (ISO time), run_dir, device
+    inputs           model (path or "<api model>"), model_name, entry_point, task, n_params, loss,
+                     data {source, format, task, n_train, n_val, input_shape, n_classes, classes,
+                           standardized, split, notes}, plus the CLI's data/target arguments
+    config           FitConfig fields (steps, batch_size, probe_fraction, trials, seeds,
+                     fine_tune, optimizer, baselines, device, storage, study, n_jobs, seed,
+                     eval_every, zoo) + probe_steps
+    race             null | {skipped, picked, picked_path, probe_steps, steps,
+                             entries: [{name, path, val_loss, val_acc, diverged, steps,
+                                        wall_time, curve}]}
+    fine_tune        null | {name, path, iterations, optimizee_steps, diverged_runs, best_val,
+                             probe_val_loss_before, probe_val_loss_after, used, wall_time}
+    tuning           {adam|sgd: {study, storage, n_trials, n_complete, n_pruned, n_failed,
+                     n_diverged, best_params, best_value, compute {trials, steps, wall_time},
+                     trials_by_this_process [numbers], trials: [{number, state, params, value,
+                     steps_run, wall_time, diverged, worker, curve_steps, curve_val}]}}
+    finals           [{name, kind ("learned"|"adam"|"sgd"), params, val_loss {mean, std, values},
+                       val_acc {mean, std, values} | null, train_loss {...}, diverged, seeds,
+                       steps, wall_time, runs: [{name, seed, steps, train_loss, val_loss,
+                       val_acc, steps_run, diverged, wall_time}]}]
+    leaderboard      [{rank, name, kind, params, val_loss_mean, val_loss_std, val_acc_mean,
+                       val_acc_std, n_seeds, diverged}]  (best first)
+    verdict          {winner, runner_up, gap, noise (2 standard errors of the difference),
+                      significant (gap > noise; null with one seed), summary (one sentence),
+                      compute {learned|adam|sgd: {search_steps, search_wall_time, [search_trials],
+                               final_runs, final_steps, final_wall_time}},
+                      learned_target_val_loss, baseline_steps_to_match_learned {adam|sgd: int|null},
+                      best_adam_trial_val_loss, learned_steps_to_match_best_adam,
+                      learned_search_steps}
+    timings          seconds per phase (race, fine_tune, tune_adam, tune_sgd, finals)
+    artifacts        {report_json, report_md, metrics, curves, weights, optuna_storage,
+                      optuna_db, dashboard_command, [preprocessing]}  (file names in run_dir;
+                      preprocessing.json holds the feature mean/std when tabular inputs were
+                      standardised)
+
+``metrics.csv`` columns: ``phase,contender,seed,trial,step,train_loss,val_loss,val_acc``
+(phase is ``race``, ``tuning`` or ``final``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+SCHEMA_VERSION = 1
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """The trained model's state dict as safetensors (shared tensors stored once)."""
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_model(model, str(tmp))
+    os.replace(tmp, path)
+
+
+def write_all(run_dir: Path, report: dict[str, Any], finals: dict, race_runs: list) -> None:
+    run_dir = Path(run_dir)
+    atomic_write_text(run_dir / "metrics.csv", metrics_csv(report, finals, race_runs))
+    if finals:
+        plot_curves(finals, run_dir / "curves.png")
+    atomic_write_text(run_dir / "report.md", markdown(report))
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2, default=_default))
+
+
+def _default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def metrics_csv(report: dict[str, Any], finals: dict, race_runs: list) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["phase", "contender", "seed", "trial", "step", "train_loss", "val_loss", "val_acc"])
+    for r in race_runs:
+        for s, tl, vl, va in zip(r.steps, r.train_loss, r.val_loss, r.val_acc):
+            w.writerow(["race", r.name, r.seed, "", s, _c(tl), _c(vl), _c(va)])
+    for name, runs in finals.items():
+        for r in runs:
+            for s, tl, vl, va in zip(r.steps, r.train_loss, r.val_loss, r.val_acc):
+                w.writerow(["final", name, r.seed, "", s, _c(tl), _c(vl), _c(va)])
+    for kind, t in report.get("tuning", {}).items():
+        for tr in t.get("trials", []):
+            for s, v in zip(tr.get("curve_steps") or [], tr.get("curve_val") or []):
+                w.writerow(["tuning", kind, "", tr["number"], s, "", _c(v), ""])
+    return buf.getvalue()
+
+
+def _c(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def plot_curves(finals: dict, path: Path) -> None:
+    """Train and validation loss vs step, mean over seeds with a min..max band per contender."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    for ax, key, title in ((axes[0], "train_loss", "training loss (mean since last eval)"),
+                           (axes[1], "val_loss", "validation loss")):
+        for name, runs in finals.items():
+            ok = [r for r in runs if not r.diverged]
+            if not ok:
+                continue
+            first = 1 if key == "train_loss" else 0   # no training loss before step 1
+            steps = ok[0].steps[first:]
+            vals = np.array([[np.nan if v is None else v for v in getattr(r, key)[first:]]
+                             for r in ok if len(r.steps) == len(ok[0].steps)], dtype=float)
+            if not len(steps) or np.isnan(vals).all():
+                continue
+            mean = np.nanmean(vals, axis=0)
+            line = ax.plot(steps, mean, label=f"{name} ({len(vals)} seeds)")[0]
+            if len(vals) > 1:
+                ax.fill_between(steps, np.nanmin(vals, axis=0), np.nanmax(vals, axis=0),
+                                color=line.get_color(), alpha=0.2)
+        ax.set_title(title)
+        ax.set_xlabel("optimizer step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _f(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """Human-readable report.md."""
+    inp, cfg, v = r["inputs"], r["config"], r["verdict"]
+    d = inp.get("data", {})
+    lines = [f"# autol2o fit report ({r['status']})", "",
+             f"**Verdict:** {v.get('summary', '-')}", "",
+             "## Inputs", "",
+             f"- model: `{inp.get('model')}` (entry point `{inp.get('entry_point')}`, "
+             f"{inp.get('n_params')} parameters, loss {inp.get('loss')})",
+             f"- data: {d.get('format')} from `{d.get('source')}`: {d.get('n_train')} train / "
+             f"{d.get('n_val')} val ({d.get('split')}), task {inp.get('task')}"
+             + (f", {d.get('n_classes')} classes" if d.get("n_classes") else "")
+             + (", standardised from training statistics" if d.get("standardized") else ""),
+             f"- budget: {cfg['steps']} steps per run, batch {cfg['batch_size']}, "
+             f"{cfg['trials']} trials per baseline, {cfg['seeds']} seeds in the finals, "
+             f"device {r.get('device')}", ""]
+    if r["leaderboard"]:
+        lines += ["## Leaderboard (finals)", "",
+                  "| rank | optimizer | config | val loss (mean +/- std) | val acc | diverged |",
+                  "|---|---|---|---|---|---|"]
+        for row in r["leaderboard"]:
+            acc = "-" if row["val_acc_mean"] is None else \
+                f"{row['val_acc_mean']:.4f} +/- {row['val_acc_std'] or 0:.4f}"
+            loss = "diverged" if row["val_loss_mean"] is None else \
+                f"{row['val_loss_mean']:.4g} +/- {row['val_loss_std'] or 0:.2g}"
+            conf = ", ".join(f"{k}={_f(x, 3)}" for k, x in row["params"].items()) or "no tuning"
+            lines.append(f"| {row['rank']} | {row['name']} | {conf} | {loss} | {acc} | "
+                         f"{row['diverged']}/{row['n_seeds']} |")
+        lines.append("")
+    comp = v.get("compute", {})
+    if comp:
+        lines += ["## Compute", "", "| side | search steps | search time (s) | final steps |",
+                  "|---|---|---|---|"]
+        for side, c in comp.items():
+            lines.append(f"| {side} | {c['search_steps']} | {_f(c['search_wall_time'])} | "
+                         f"{c['final_steps']} |")
+        lines.append("")
+        for kind, s in v.get("baseline_steps_to_match_learned", {}).items():
+            lines.append(f"- steps tuned {kind} needed in total to match the learned "
+                         f"optimizer's {_f(v.get('learned_target_val_loss'))}: "
+                         f"{s if s is not None else 'never matched'}")
+        if "learned_steps_to_match_best_adam" in v:
+            s = v["learned_steps_to_match_best_adam"]
+            lines.append(f"- learned optimizer steps (search + training) to reach the best Adam "
+                         f"trial's {_f(v.get('best_adam_trial_val_loss'))}: "
+                         f"{s if s is not None else 'not reached within the step budget'}")
+        lines.append("")
+    race = r.get("race")
+    if race:
+        lines += ["## Zoo race", ""]
+        if race["skipped"]:
+            lines.append(f"Skipped (`--optimizer {race['picked']}`).")
+        else:
+            lines += [f"Probe: {race['probe_steps']} steps from identical initial weights.", "",
+                      "| optimizer | val loss | |", "|---|---|---|"]
+            for e in race["entries"]:
+                state = "error: " + e["error"] if e.get("error") else \
+                    ("diverged" if e["diverged"] else
+                     ("picked" if e["name"] == race["picked"] else ""))
+                lines.append(f"| {e['name']} | {_f(e['val_loss'])} | {state} |")
+        lines.append("")
+    if r.get("fine_tune"):
+        f = r["fine_tune"]
+        lines += ["## Fine-tuning", "",
+                  f"{f['iterations']} meta-iterations; probe val loss "
+                  f"{_f(f['probe_val_loss_before'])} -> {_f(f['probe_val_loss_after'])}; "
+                  f"{'used' if f['used'] else 'not used'}. Weights: `{f['path']}`.", ""]
+    for kind, t in r.get("tuning", {}).items():
+        lines += [f"## Optuna: {kind}", "",
+                  f"Study `{t['study']}`: {t['n_trials']} trials ({t['n_complete']} complete, "
+                  f"{t['n_pruned']} pruned, {t['n_failed']} failed of which {t['n_diverged']} "
+                  f"diverged), {t['compute']['steps']} optimizer steps. Best "
+                  f"{_f(t['best_value'])} with {t['best_params']}.", ""]
+    a = r["artifacts"]
+    lines += ["## Files", "", f"- curves: `{a.get('curves')}`; metrics: `{a['metrics']}`; "
+              f"weights: `{a.get('weights')}`",
+              f"- Optuna storage: `{a['optuna_storage']}`; open with `{a['dashboard_command']}`",
+              ""]
+    return "\n".join(lines)

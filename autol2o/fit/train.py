@@ -1,0 +1,186 @@
+"""One training run: a model, an optimizer, ``steps`` minibatch steps, periodic validation.
+
+Every contender (zoo optimizer, Adam trial, SGD trial, final) trains through :func:`train_run`,
+so they see the same things: for a given ``seed`` the same initial weights
+(:meth:`Problem.initial`) and the same minibatch sequence (epochs of a permutation drawn from a
+``torch.Generator`` seeded with ``seed``).
+
+A run *diverges* when a validation or mean training loss is not finite, or when the validation
+loss exceeds ``1000 x`` its initial value; it then stops and is reported as diverged.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from autol2o.optimizers import LearnedOptimizer, LearnedRule
+
+from .problem import Problem, accuracy
+
+BLOWUP = 1000.0
+
+#: Set by the pipeline's SIGINT handler; runs stop at the next step boundary with
+#: KeyboardInterrupt.  (An asynchronous KeyboardInterrupt can land inside a finaliser, where
+#: Python swallows it; checking a flag from ordinary code cannot be lost.)
+STOP = threading.Event()
+
+
+@dataclass
+class OptSpec:
+    """What optimizer a run uses: ``kind`` is ``"learned"``, ``"adam"`` or ``"sgd"``."""
+
+    kind: str
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)   # lr, momentum, nesterov
+    rule: LearnedRule | None = None
+
+    def build(self, model: nn.Module) -> torch.optim.Optimizer:
+        ps = [p for p in model.parameters() if p.requires_grad]
+        if self.kind == "learned":
+            return LearnedOptimizer(ps, self.rule)
+        if self.kind == "adam":
+            return torch.optim.Adam(ps, lr=self.params["lr"])
+        if self.kind == "sgd":
+            mom = self.params.get("momentum", 0.0)
+            return torch.optim.SGD(ps, lr=self.params["lr"], momentum=mom,
+                                   nesterov=bool(self.params.get("nesterov")) and mom > 0)
+        raise ValueError(f"unknown optimizer kind {self.kind!r}")
+
+
+@dataclass
+class RunResult:
+    """Outcome of one run; curves are sampled at the validation steps (step 0 included)."""
+
+    name: str
+    seed: int
+    steps: list[int] = field(default_factory=list)
+    train_loss: list[float | None] = field(default_factory=list)   # mean since the last eval
+    val_loss: list[float] = field(default_factory=list)
+    val_acc: list[float | None] = field(default_factory=list)
+    steps_run: int = 0
+    diverged: bool = False
+    wall_time: float = 0.0
+    state: dict[str, Tensor] | None = None     # final weights (CPU) when asked for
+
+    @property
+    def final_val_loss(self) -> float:
+        return math.inf if self.diverged or not self.val_loss else self.val_loss[-1]
+
+    @property
+    def final_val_acc(self) -> float | None:
+        return None if self.diverged or not self.val_acc else self.val_acc[-1]
+
+    @property
+    def final_train_loss(self) -> float | None:
+        return None if self.diverged or not self.train_loss else self.train_loss[-1]
+
+    def steps_to_reach(self, target: float) -> int | None:
+        """First validation step whose loss is <= target (None if never)."""
+        for s, v in zip(self.steps, self.val_loss):
+            if v <= target:
+                return s
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "seed": self.seed, "steps": self.steps,
+                "train_loss": self.train_loss, "val_loss": [_finite(v) for v in self.val_loss],
+                "val_acc": self.val_acc, "steps_run": self.steps_run, "diverged": self.diverged,
+                "wall_time": self.wall_time}
+
+
+def _finite(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, problem: Problem, chunk: int = 2048) -> tuple[float, float | None]:
+    """Validation loss (example-weighted mean over chunks) and accuracy for classification."""
+    model.eval()
+    x, y = problem.data.x_val, problem.data.y_val
+    total, correct = 0.0, 0.0
+    for i in range(0, len(x), chunk):
+        out = model(x[i:i + chunk])
+        yb = y[i:i + chunk]
+        total += float(problem.loss_fn(out, yb)) * len(yb)
+        if problem.task == "classification" and out.ndim == 2:
+            correct += float(accuracy(out, yb)) * len(yb)
+    model.train()
+    acc = correct / len(x) if problem.task == "classification" else None
+    return total / len(x), acc
+
+
+def default_eval_every(steps: int) -> int:
+    """About 20 validation points per run (and pruning decisions for Optuna)."""
+    return max(1, steps // 20)
+
+
+def train_run(problem: Problem, opt: OptSpec, *, steps: int, seed: int, batch_size: int,
+              eval_every: int | None = None, on_eval: Callable[[int, float], None] | None = None,
+              keep_state: bool = False) -> RunResult:
+    """Train a fresh copy of the seed's initial model with ``opt`` for ``steps`` steps.
+
+    ``on_eval(step, val_loss)`` is called after every validation (Optuna reports and prunes
+    there; it may raise).  Returns the curves; ``state`` holds the final weights when
+    ``keep_state``.
+    """
+    eval_every = eval_every or default_eval_every(steps)
+    t0 = time.perf_counter()
+    model = problem.initial(seed)
+    model.train()
+    optimizer = opt.build(model)
+    x, y = problem.data.x_train, problem.data.y_train
+    n = len(x)
+    bs = min(batch_size, n)
+    gen = torch.Generator().manual_seed(seed)
+    perm, pos = torch.randperm(n, generator=gen), 0
+    res = RunResult(opt.name, seed)
+
+    v0, a0 = evaluate(model, problem)
+    res.steps.append(0)
+    res.train_loss.append(None)
+    res.val_loss.append(v0)
+    res.val_acc.append(a0)
+    limit = BLOWUP * abs(v0) if math.isfinite(v0) and v0 != 0 else math.inf
+    run_loss = torch.zeros((), device=problem.device)
+    since = 0
+    for step in range(1, steps + 1):
+        if STOP.is_set():
+            raise KeyboardInterrupt
+        if pos + bs > n:  # next epoch: a fresh permutation (drop the ragged tail)
+            perm, pos = torch.randperm(n, generator=gen), 0
+        idx = perm[pos:pos + bs].to(problem.device)
+        pos += bs
+        optimizer.zero_grad(set_to_none=True)
+        loss = problem.loss_fn(model(x[idx]), y[idx])
+        loss.backward()
+        optimizer.step()
+        run_loss += loss.detach()
+        since += 1
+        res.steps_run = step
+        if step % eval_every == 0 or step == steps:
+            train_mean = float(run_loss) / since
+            run_loss.zero_()
+            since = 0
+            v, a = evaluate(model, problem)
+            res.steps.append(step)
+            res.train_loss.append(train_mean if math.isfinite(train_mean) else None)
+            res.val_loss.append(v if math.isfinite(v) else math.inf)
+            res.val_acc.append(a)
+            if not (math.isfinite(v) and math.isfinite(train_mean)) or v > limit:
+                res.diverged = True
+                break
+            if on_eval is not None:
+                res.wall_time = time.perf_counter() - t0
+                on_eval(step, v)
+    res.wall_time = time.perf_counter() - t0
+    if keep_state and not res.diverged:
+        res.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return res

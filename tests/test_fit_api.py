@@ -1,0 +1,91 @@
+"""``autol2o.optimize``: the Python API over the same pipeline."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_fit_support import blobs, zoo  # noqa: F401  (zoo is a fixture)
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import autol2o
+
+# every test gets a tiny temporary zoo (AUTOL2O_ZOO), never the shipped weights
+pytestmark = pytest.mark.usefixtures("zoo")
+
+
+def loaders(n=120):
+    x, y = blobs(n)
+    x = torch.tensor(x, dtype=torch.float32)
+    y = torch.tensor(y)
+    tr = DataLoader(TensorDataset(x[:90], y[:90]), batch_size=32, shuffle=True)
+    va = DataLoader(TensorDataset(x[90:], y[90:]), batch_size=64)
+    return tr, va
+
+
+def test_optimize_with_dataloaders(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    init = {k: v.clone() for k, v in model.state_dict().items()}
+    tr, va = loaders()
+    res = autol2o.optimize(model, tr, va, steps=20, trials=2, seeds=2, out=tmp_path / "run",
+                           progress=False)
+    assert res.run_dir == tmp_path / "run"
+    assert res.report == json.loads((tmp_path / "run" / "report.json").read_text())
+    assert res.winner == res.leaderboard[0]["name"] == res.report["verdict"]["winner"]
+    assert {r["name"] for r in res.leaderboard} >= {"adam", "sgd"}
+    assert res.report["config"]["batch_size"] == 32          # taken from the loader
+    d = res.report["inputs"]["data"]
+    assert (d["n_train"], d["n_val"], d["split"]) == (90, 30, "given")
+    # the user's module is left untouched; .model is a trained copy that reproduces the
+    # winner's first-seed validation loss
+    assert all(torch.equal(v, init[k]) for k, v in model.state_dict().items())
+    xv = torch.cat([b[0] for b in va])
+    yv = torch.cat([b[1] for b in va])
+    with torch.no_grad():
+        loss = nn.functional.cross_entropy(res.model(xv), yv).item()
+    winner = next(f for f in res.report["finals"] if f["name"] == res.winner)
+    assert loss == pytest.approx(winner["val_loss"]["values"][0], rel=1e-4)
+    assert len(winner["runs"]) == 2 and winner["seeds"] == [1, 2]   # fresh seeds, not the selection seed 0
+    # each seed draws its own initial weights, so the two seeds differ
+    assert winner["val_loss"]["values"][0] != winner["val_loss"]["values"][1]
+
+
+def test_optimize_splits_without_val_loader_and_accepts_factories(tmp_path):
+    x, y = blobs(100)
+    xy = (torch.tensor(x, dtype=torch.float32), torch.tensor(y))
+
+    def build():
+        return nn.Sequential(nn.Linear(6, 3))
+
+    res = autol2o.optimize(build, xy, steps=10, trials=2, seeds=1, out=tmp_path / "r",
+                           optimizer="rnnprop-rand", progress=False)
+    d = res.report["inputs"]["data"]
+    assert (d["n_train"], d["n_val"]) == (80, 20) and d["split"].startswith("random 80/20")
+    assert res.report["race"]["skipped"] is True
+    assert isinstance(res.model, nn.Sequential)
+
+
+def test_optimize_is_deterministic(tmp_path):
+    x, y = blobs(80)
+    xy = (torch.tensor(x, dtype=torch.float32), torch.tensor(y))
+    reps = []
+    for i in range(2):
+        torch.manual_seed(0)
+        m = nn.Linear(6, 3)
+        res = autol2o.optimize(m, xy, steps=10, trials=2, seeds=1, out=tmp_path / f"r{i}",
+                               progress=False)
+        reps.append([(r["name"], r["val_loss_mean"]) for r in res.leaderboard])
+    assert reps[0] == reps[1]
+
+
+def test_parallel_trials_n_jobs(tmp_path):
+    x, y = blobs(80)
+    xy = (torch.tensor(x, dtype=torch.float32), torch.tensor(y))
+    res = autol2o.optimize(nn.Linear(6, 3), xy, steps=10, trials=4, seeds=1, n_jobs=2,
+                           out=tmp_path / "r", optimizer="dm-rand", progress=False)
+    for t in res.report["tuning"].values():
+        assert t["n_trials"] == 4 and t["trials_by_this_process"] == [0, 1, 2, 3]
+        assert t["n_complete"] + t["n_pruned"] == 4

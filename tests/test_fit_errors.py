@@ -1,0 +1,219 @@
+"""Every bad input of ``autol2o fit``: one-line error naming the file, non-zero exit, no
+traceback, nothing written and nothing overwritten."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from test_fit_support import (  # noqa: F401  (zoo is a fixture)
+    FAST,
+    blobs,
+    make_zoo,
+    run_cli,
+    write_csv,
+    write_model,
+    zoo,
+)
+
+from autol2o.errors import UserError
+
+# every test gets a tiny temporary zoo (AUTOL2O_ZOO), never the shipped weights
+pytestmark = pytest.mark.usefixtures("zoo")
+
+
+def expect_error(capsys, tmp_path, args, *needles):
+    """Run, assert a clean one-line failure mentioning ``needles``, and that nothing was made."""
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code, out, err = run_cli(args, capsys)
+    assert code != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in err and out == ""
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")
+                   if "__pycache__" not in p.parts)
+    assert after == [p for p in before if "__pycache__" not in p.parts], "something was written"
+    return lines[0]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    x, y = blobs()
+    return write_csv(tmp_path / "data" / "train.csv", x, y).parent
+
+
+@pytest.fixture(autouse=True)
+def _cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)   # a default runs/ directory would appear here
+
+
+# -- MODEL.py ---------------------------------------------------------------------------------
+def test_model_missing(tmp_path, data_dir, capsys):
+    expect_error(capsys, tmp_path, ["fit", tmp_path / "nope.py", data_dir, *FAST],
+                 "nope.py", "not found")
+
+
+def test_model_syntax_error(tmp_path, data_dir, capsys):
+    (tmp_path / "bad.py").write_text("def build_model(:\n    pass\n")
+    expect_error(capsys, tmp_path, ["fit", tmp_path / "bad.py", data_dir, *FAST],
+                 "bad.py", "syntax error at line 1")
+
+
+def test_model_raises(tmp_path, data_dir, capsys):
+    (tmp_path / "boom.py").write_text("raise RuntimeError('no GPU here\\nsecond line')\n")
+    expect_error(capsys, tmp_path, ["fit", tmp_path / "boom.py", data_dir, *FAST],
+                 "boom.py", "RuntimeError: no GPU here second line")
+
+
+def test_model_no_entry_point(tmp_path, data_dir, capsys):
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    expect_error(capsys, tmp_path, ["fit", tmp_path / "empty.py", data_dir, *FAST],
+                 "empty.py", "no entry point")
+
+
+def test_build_model_raises(tmp_path, data_dir, capsys):
+    (tmp_path / "b.py").write_text("def build_model():\n    return 1 / 0\n")
+    expect_error(capsys, tmp_path, ["fit", tmp_path / "b.py", data_dir, *FAST],
+                 "b.py", "ZeroDivisionError")
+
+
+def test_output_shape_mismatch(tmp_path, data_dir, capsys):
+    model = write_model(tmp_path, d=6, k=2)   # 2 outputs for 3 classes
+    expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST],
+                 "model.py", "output shape (8, 2)", "3 classes")
+
+
+def test_input_shape_mismatch(tmp_path, data_dir, capsys):
+    model = write_model(tmp_path, d=5, k=3)   # expects 5 features, data has 6
+    expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST],
+                 "model.py", "forward pass failed")
+
+
+# -- DATA -------------------------------------------------------------------------------------
+def test_data_missing(tmp_path, capsys):
+    model = write_model(tmp_path)
+    expect_error(capsys, tmp_path, ["fit", model, tmp_path / "nodata", *FAST],
+                 "nodata", "not found")
+
+
+def test_data_empty_dir(tmp_path, capsys):
+    model = write_model(tmp_path)
+    (tmp_path / "e").mkdir()
+    expect_error(capsys, tmp_path, ["fit", model, tmp_path / "e", *FAST], "e: data directory is empty")
+
+
+def test_data_empty_csv(tmp_path, capsys):
+    model = write_model(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.csv").write_text("")
+    expect_error(capsys, tmp_path, ["fit", model, tmp_path / "d", *FAST],
+                 "train.csv", "empty")
+
+
+def test_data_unknown_format(tmp_path, capsys):
+    model = write_model(tmp_path)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("hello")
+    expect_error(capsys, tmp_path, ["fit", model, tmp_path / "d", *FAST],
+                 "unknown data format")
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    expect_error(capsys, tmp_path, ["fit", model, tmp_path / "x.parquet", *FAST],
+                 "x.parquet", "unknown data format")
+
+
+@pytest.mark.parametrize("bad,needle", [("nan", "NaN or inf"), ("inf", "NaN or inf"),
+                                        ("abc", "non-numeric value 'abc'")])
+def test_data_bad_values(tmp_path, capsys, bad, needle):
+    x, y = blobs()
+    p = write_csv(tmp_path / "d" / "train.csv", x, y)
+    lines = p.read_text().splitlines()
+    lines[3] = bad + lines[3][lines[3].index(","):]
+    p.write_text("\n".join(lines) + "\n")
+    model = write_model(tmp_path)
+    expect_error(capsys, tmp_path, ["fit", model, tmp_path / "d", *FAST], "train.csv", needle)
+
+
+def test_data_length_mismatch(tmp_path, capsys):
+    x, y = blobs()
+    np.savez(tmp_path / "d.npz", X=x, y=y[:-5])
+    model = write_model(tmp_path)
+    expect_error(capsys, tmp_path, ["fit", model, tmp_path / "d.npz", *FAST],
+                 "d.npz", "X has 90 rows but y has 85")
+
+
+def test_npz_needing_pickle_is_refused(tmp_path, capsys):
+    x, y = blobs()
+    np.savez(tmp_path / "d.npz", X=x, y=np.array([object()] * len(y), dtype=object))
+    model = write_model(tmp_path)
+    expect_error(capsys, tmp_path, ["fit", model, tmp_path / "d.npz", *FAST],
+                 "d.npz", "without pickle")
+
+
+# -- output, zoo ------------------------------------------------------------------------------
+def test_unwritable_output(tmp_path, data_dir, capsys):
+    model = write_model(tmp_path)
+    (tmp_path / "afile").write_text("x")
+    expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST, "--out",
+                                    tmp_path / "afile" / "run"], "afile", "cannot write")
+
+
+def test_existing_run_is_not_overwritten(tmp_path, data_dir, capsys):
+    model = write_model(tmp_path)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "report.json").write_text('{"keep": true}')
+    expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST, "--out", tmp_path / "run"],
+                 "run", "already exists")
+    assert json.loads((tmp_path / "run" / "report.json").read_text()) == {"keep": True}
+
+
+def test_empty_zoo(tmp_path, data_dir, capsys, monkeypatch):
+    monkeypatch.setenv("AUTOL2O_ZOO", str(tmp_path / "nozoo"))
+    model = write_model(tmp_path)
+    expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST], "nozoo", "autol2o zoo train")
+
+
+def test_unknown_optimizer(tmp_path, data_dir, capsys):
+    model = write_model(tmp_path)
+    expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST, "--optimizer", "adamw-9000"],
+                 "adamw-9000")
+
+
+def test_debug_shows_the_exception(tmp_path, data_dir):
+    from autol2o.cli import main
+
+    with pytest.raises(UserError, match="syntax error"):
+        (tmp_path / "bad.py").write_text("def (\n")
+        main(["--debug", "fit", str(tmp_path / "bad.py"), str(data_dir), *FAST])
+
+
+# -- diverging learned optimizer --------------------------------------------------------------
+def test_diverging_learned_optimizer_is_reported_not_fatal(tmp_path, data_dir, capsys,
+                                                           monkeypatch):
+    monkeypatch.setenv("AUTOL2O_ZOO", str(make_zoo(tmp_path / "wild-zoo", diverging=True)))
+    model = write_model(tmp_path)
+    code, _, err = run_cli(["fit", model, data_dir, *FAST, "--out", tmp_path / "run"], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert r["race"]["entries"][0]["diverged"] is True
+    learned = next(row for row in r["leaderboard"] if row["kind"] == "learned")
+    assert learned["diverged"] == 1 and learned["val_loss_mean"] is None
+    assert learned["rank"] == len(r["leaderboard"])      # diverged ranks last
+    assert r["verdict"]["winner"] in ("adam", "sgd")
+
+
+def test_bad_flags(tmp_path, data_dir, capsys):
+    model = write_model(tmp_path)
+    expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST, "--steps", "0"], "--steps")
+    expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST, "--baselines", "adamw"],
+                 "adamw")
+    expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST, "--storage", "nowhere"],
+                 "nowhere", "not an Optuna storage URL")
+    expect_error(capsys, tmp_path, ["fit", "--resume", tmp_path / "norun"], "state.json")
+    if not torch.cuda.is_available():
+        expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST, "--device", "cuda"],
+                     "CUDA is not available")

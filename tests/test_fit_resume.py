@@ -1,0 +1,99 @@
+"""Ctrl-C keeps the run directory with a partial report; ``--resume`` finishes it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from test_fit_support import FAST, blobs, run_cli, write_csv, write_model, zoo  # noqa: F401
+
+import autol2o.fit.pipeline as pipeline
+
+# every test gets a tiny temporary zoo (AUTOL2O_ZOO), never the shipped weights
+pytestmark = pytest.mark.usefixtures("zoo")
+
+
+def test_interrupt_then_resume(tmp_path, capsys, monkeypatch):
+    x, y = blobs()
+    data = write_csv(tmp_path / "d" / "train.csv", x, y).parent
+    model = write_model(tmp_path)
+    run = tmp_path / "run"
+    args = ["fit", model, data, "--steps", "20", "--trials", "3", "--seeds", "1", "--quiet",
+            "--out", run]
+
+    real, calls = pipeline.train_run, []
+
+    def ctrl_c_in_second_sgd_trial(problem, opt, **kw):
+        calls.append(opt.kind)
+        if calls.count("sgd") == 2:
+            raise KeyboardInterrupt
+        return real(problem, opt, **kw)
+
+    monkeypatch.setattr(pipeline, "train_run", ctrl_c_in_second_sgd_trial)
+    code, _, err = run_cli(args, capsys)
+    assert code == 130
+    r = json.loads((run / "report.json").read_text())
+    assert r["status"] == "interrupted"
+    assert r["tuning"]["adam"]["n_complete"] + r["tuning"]["adam"]["n_pruned"] == 3
+    assert r["finals"] == [] and r["verdict"]["winner"] is None
+    state = json.loads((run / "state.json").read_text())
+    assert state["status"] == "interrupted" and "race" in state["phases"]
+    # the interrupted trial is recorded as FAIL and does not count
+    storage = f"sqlite:///{run / 'optuna.db'}"
+    sgd = optuna.load_study(study_name="run-sgd", storage=storage)
+    assert [t.state.name for t in sgd.trials] == ["COMPLETE", "FAIL"]
+
+    # resume: the race is not re-run, adam is not re-tuned, sgd gets its 2 missing trials
+    monkeypatch.setattr(pipeline, "train_run", real)
+    calls.clear()
+    code, _, err = run_cli(["fit", "--resume", run, "--quiet"], capsys)
+    assert code == 0, err
+    r = json.loads((run / "report.json").read_text())
+    assert r["status"] == "complete" and r["verdict"]["winner"]
+    assert r["race"] == state["phases"]["race"]
+    t = r["tuning"]["sgd"]
+    assert t["n_trials"] == 4 and t["n_failed"] == 1
+    assert t["n_complete"] + t["n_pruned"] == 3
+    assert r["tuning"]["adam"]["n_trials"] == 3
+    # resumed sampler does not replay the configurations already tried
+    sgd = optuna.load_study(study_name="run-sgd", storage=storage)
+    lrs = [tr.params["lr"] for tr in sgd.trials]
+    assert len(set(lrs)) == len(lrs)
+
+    # a finished run cannot be resumed again, and is left alone
+    before = (run / "report.json").read_bytes()
+    code, _, err = run_cli(["fit", "--resume", run], capsys)
+    assert code != 0 and "already complete" in err
+    assert (run / "report.json").read_bytes() == before
+
+
+def test_sigint_subprocess_keeps_partial_report(tmp_path):
+    """A real SIGINT from outside: exit 130, partial report on disk, resumable."""
+    x, y = blobs()
+    data = write_csv(tmp_path / "d" / "train.csv", x, y).parent
+    model = write_model(tmp_path)
+    run = tmp_path / "run"
+    env = dict(os.environ)  # AUTOL2O_ZOO set by the fixture
+    cmd = [sys.executable, "-m", "autol2o", "fit", str(model), str(data), "--steps", "200",
+           "--trials", "50", "--seeds", "1", "--quiet", "--out", str(run)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:   # wait until tuning has started (trials in the storage)
+        if (run / "state.json").exists() and '"race"' in (run / "state.json").read_text():
+            time.sleep(1.0)
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "--resume" in err
+    r = json.loads((run / "report.json").read_text())
+    assert r["status"] == "interrupted"
+    assert not list(run.glob(".*.tmp"))

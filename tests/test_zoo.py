@@ -1,0 +1,262 @@
+"""Zoo format: round trip, checksum and format checks, safe loading, CLI list/show."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from autol2o import DMOptimizer, RNNprop
+from autol2o.cli import app, main
+from autol2o.errors import UserError
+from autol2o.zoo import (
+    CARD_FILE,
+    FORMAT_VERSION,
+    WEIGHTS_FILE,
+    ZooError,
+    list_entries,
+    load_entry,
+    load_rule,
+    save_entry,
+    update_card,
+)
+
+CARD = {
+    "description": "test entry",
+    "tasks": [{"name": "quadratic", "dim": 5}],
+    "horizon": 100, "unroll": 20, "meta_iterations": 3,
+    "evaluation": {"headline": "0.5x Adam"},
+    "command": "autol2o zoo train --rule rnnprop --task quadratic",
+}
+
+
+def _rule(cls=RNNprop, seed=0):
+    torch.manual_seed(seed)
+    rule = cls()
+    with torch.no_grad():  # move away from the init so a wrong load cannot pass by chance
+        for p in rule.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return rule
+
+
+def _run(rule, grads):
+    state = rule.init_state(grads.shape[1])
+    with torch.no_grad():
+        return torch.stack([rule(g, state)[0] for g in grads])
+
+
+@pytest.fixture
+def entry(tmp_path) -> Path:
+    return save_entry(_rule(), tmp_path / "zoo" / "rn", CARD)
+
+
+@pytest.mark.parametrize("cls", [RNNprop, DMOptimizer])
+def test_round_trip_gives_identical_updates(tmp_path, cls):
+    rule = _rule(cls, seed=3)
+    out = save_entry(rule, tmp_path / "e", CARD)
+    loaded, card = load_entry(out)
+    assert type(loaded) is cls and loaded.config() == rule.config()
+    grads = torch.randn(6, 50) * torch.logspace(-4, 2, 50)
+    assert torch.equal(_run(rule, grads), _run(loaded, grads))
+    # automatic card fields
+    assert card["format_version"] == FORMAT_VERSION
+    assert card["name"] == "e" and card["rule"] == cls.name
+    assert card["rule_config"] == rule.config()
+    assert card["n_meta_params"] == sum(p.numel() for p in rule.parameters())
+    assert card["sha256"] == hashlib.sha256((out / WEIGHTS_FILE).read_bytes()).hexdigest()
+    assert card["command"] == CARD["command"] and card["tasks"] == CARD["tasks"]
+
+
+def test_flipped_byte_is_rejected_naming_the_file(entry):
+    w = entry / WEIGHTS_FILE
+    data = bytearray(w.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    w.write_bytes(bytes(data))
+    with pytest.raises(ZooError) as exc:
+        load_rule(entry)
+    msg = str(exc.value)
+    assert str(w) in msg and "sha256" in msg and "\n" not in msg
+    assert isinstance(exc.value, UserError)
+
+
+def test_wrong_checksum_in_card(entry):
+    card = json.loads((entry / CARD_FILE).read_text())
+    card["sha256"] = "0" * 64
+    (entry / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(ZooError, match="sha256 mismatch"):
+        load_entry(entry)
+
+
+@pytest.mark.parametrize("victim, problem", [(CARD_FILE, "card missing"),
+                                             (WEIGHTS_FILE, "weights file missing")])
+def test_missing_files(entry, victim, problem):
+    (entry / victim).unlink()
+    with pytest.raises(ZooError) as exc:
+        load_entry(entry)
+    assert str(entry / victim) in str(exc.value) and problem in str(exc.value)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "must be a JSON object"),
+    (json.dumps({"format_version": 99, "rule_config": {}, "sha256": ""}),
+     "unknown format_version 99"),
+    (json.dumps({"format_version": FORMAT_VERSION, "sha256": "00"}), "'rule_config'"),
+    (json.dumps({"format_version": FORMAT_VERSION, "rule_config": {"rule": "sgd"},
+                 "sha256": "00"}), "unknown rule 'sgd'"),
+])
+def test_bad_cards(entry, text, problem):
+    (entry / CARD_FILE).write_text(text)
+    with pytest.raises(ZooError) as exc:
+        load_entry(entry)
+    assert str(entry / CARD_FILE) in str(exc.value) and problem in str(exc.value)
+
+
+def test_weights_of_another_rule_are_rejected(tmp_path):
+    """Valid file, valid checksum, but the tensors do not fit the card's rule."""
+    dm = save_entry(_rule(DMOptimizer), tmp_path / "dm", CARD)
+    rn = save_entry(_rule(RNNprop), tmp_path / "rn", CARD)
+    card = json.loads((rn / CARD_FILE).read_text())
+    card["sha256"] = json.loads((dm / CARD_FILE).read_text())["sha256"]
+    (rn / CARD_FILE).write_text(json.dumps(card))
+    (rn / WEIGHTS_FILE).write_bytes((dm / WEIGHTS_FILE).read_bytes())
+    with pytest.raises(ZooError, match="do not fit rule_config"):
+        load_entry(rn)
+
+
+class _Payload:
+    """Unpickling this object would create a file: proof that code ran."""
+
+    def __init__(self, sentinel: str):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.sentinel),))
+
+
+def test_loading_never_executes_code(entry, tmp_path):
+    """A pickle smuggled in as the weights (with a matching checksum) is refused, not run."""
+    sentinel = tmp_path / "pwned"
+    data = pickle.dumps({"input.weight": _Payload(str(sentinel))})
+    (entry / WEIGHTS_FILE).write_bytes(data)
+    card = json.loads((entry / CARD_FILE).read_text())
+    card["sha256"] = hashlib.sha256(data).hexdigest()
+    (entry / CARD_FILE).write_text(json.dumps(card))
+    with pytest.raises(ZooError, match="not a valid safetensors file"):
+        load_entry(entry)
+    assert not sentinel.exists()
+    pickle.loads(data)  # the payload is live: unpickling it *would* have run it
+    assert sentinel.exists()
+
+
+def test_save_refuses_to_overwrite(entry):
+    with pytest.raises(ZooError, match="already exists"):
+        save_entry(_rule(), entry, CARD)
+    save_entry(_rule(seed=1), entry, CARD, overwrite=True)
+    load_entry(entry)
+
+
+def test_update_card_keeps_checksum_valid(entry):
+    update_card(entry, {"evaluation": {"headline": "0.7x best Adam"}})
+    _, card = load_entry(entry)
+    assert card["evaluation"]["headline"] == "0.7x best Adam"
+    with pytest.raises(ZooError, match="sha256"):
+        update_card(entry, {"sha256": "0" * 64})
+
+
+def test_names_resolve_against_root_and_env(entry, monkeypatch):
+    root = entry.parent
+    save_entry(_rule(DMOptimizer), root / "dm", CARD)
+    assert [e.name for e in list_entries(root)] == ["dm", "rn"]
+    assert isinstance(load_rule("dm", root=root), DMOptimizer)
+    monkeypatch.setenv("AUTOL2O_ZOO", str(root))
+    assert isinstance(load_rule("rn"), RNNprop)
+    with pytest.raises(ZooError, match=r"no zoo entry 'nope'.*available.*dm, rn"):
+        load_rule("nope")
+
+
+def test_learned_optimizer_accepts_a_zoo_name(entry, monkeypatch):
+    from autol2o import LearnedOptimizer
+
+    monkeypatch.setenv("AUTOL2O_ZOO", str(entry.parent))
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = LearnedOptimizer([w], "rn")
+    (w * w).sum().backward()
+    opt.step()
+    assert not torch.equal(w.detach(), torch.ones(3))
+
+
+# -- CLI ---------------------------------------------------------------------------------------
+runner = CliRunner()
+
+
+def test_cli_list_table_and_json(entry, monkeypatch):
+    save_entry(_rule(DMOptimizer), entry.parent / "dm", {**CARD, "evaluation": {}})
+    monkeypatch.setenv("AUTOL2O_ZOO", str(entry.parent))
+    res = runner.invoke(app, ["zoo", "list"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.output.splitlines() if " rn " in ln or " dm " in ln]
+    assert len(lines) == 2
+    rn_line = next(ln for ln in lines if " rn " in ln)
+    for cell in ("rnnprop", "quadratic", "100", "0.5x Adam", "6641 params"):
+        assert cell in rn_line
+    assert "not evaluated" in next(ln for ln in lines if " dm " in ln)
+
+    res = runner.invoke(app, ["zoo", "list", "--json"])
+    rows = json.loads(res.stdout)
+    assert [r["name"] for r in rows] == ["dm", "rn"]
+    rn = rows[1]
+    assert rn["rule"] == "rnnprop" and rn["trained_on"] == ["quadratic"]
+    assert rn["horizon"] == 100 and rn["meta_iterations"] == 3
+    assert rn["size_bytes"] == (entry / WEIGHTS_FILE).stat().st_size
+    assert rn["headline"] == "0.5x Adam"
+
+
+def test_cli_show_json_and_root_option(entry):
+    res = runner.invoke(app, ["zoo", "show", "rn", "--root", str(entry.parent), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == json.loads((entry / CARD_FILE).read_text())
+    res = runner.invoke(app, ["zoo", "show", str(entry)])
+    assert res.exit_code == 0 and "sha256 verified" in res.stdout and "rnnprop" in res.stdout
+
+
+def test_cli_reports_tampering_in_one_line(entry, capsys):
+    (entry / WEIGHTS_FILE).write_bytes(b"garbage")
+    with pytest.raises(SystemExit) as exc:
+        main(["zoo", "show", str(entry)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and str(entry / WEIGHTS_FILE) in err and "\n" not in err
+
+
+def test_cli_train_refuses_to_overwrite(entry, capsys):
+    with pytest.raises(SystemExit):
+        main(["zoo", "train", "--rule", "rnnprop", "--task", "quadratic", "--out", str(entry)])
+    assert "already exists (use --resume or --overwrite)" in capsys.readouterr().err
+
+
+def test_cli_train_writes_a_loadable_entry(tmp_path):
+    """`zoo train` end to end on a tiny task: entry loads, card records how to reproduce it."""
+    out = tmp_path / "zoo" / "tiny"
+    args = ["zoo", "train", "--rule", "dm", "--task", "quadratic", "--horizon", "6",
+            "--unroll", "3", "--iterations", "4", "--batch", "2", "--curriculum", "4,6",
+            "--device", "cpu", "--out", str(out)]
+    res = runner.invoke(app, args)
+    assert res.exception is None and res.exit_code == 0, res.output
+    rule, card = load_entry(out)
+    assert isinstance(rule, DMOptimizer) and not (out / "checkpoint").exists()
+    training = card["training"]
+    assert training["meta_iterations"] == 4 and training["curriculum"] == [[0, 4], [2, 6]]
+    assert card["tricks"]["random_scaling"] == 0 and training["meta_loss"] == "mean"
+    assert card["command"] == (
+        f"autol2o zoo train --rule dm --task quadratic --horizon 6 --unroll 3 --iterations 4 "
+        f"--batch 2 --meta-lr 0.001 --no-random-scaling --no-convex --curriculum 0:4,2:6 "
+        f"--validate-every 0 --seed 0 --out {out}")
+    rows = json.loads(runner.invoke(app, ["zoo", "list", "--json", "--root", str(out.parent)])
+                      .stdout)
+    assert rows[0]["horizon"] == 6 and rows[0]["trained_on"] == ["quadratic"]
