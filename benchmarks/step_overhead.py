@@ -97,10 +97,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--sizes", nargs="+", type=float, default=[1e4, 1e5, 1e6])
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default); use 1 on a machine shared with other jobs")
     ap.add_argument("--chunk", type=int, default=RNNprop.chunk_size)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "step_overhead.md")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     flops_per_coord = RNNprop().lstm.flops_per_row() + 2 * (2 * 20 + 20 * 1)
     sq, skinny = matmul_gflops(device)
     rows = []
@@ -119,7 +123,8 @@ def main() -> None:
         "# Optimizer step overhead",
         "",
         f"Device: {device} ({dev_name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"CPUs {os.cpu_count()}, chunk {args.chunk} rows.",
+        f"CPUs {os.cpu_count()}, chunk {args.chunk} rows, load average before the run "
+        f"{os.getloadavg()[0]:.2f}.",
         f"Measured float32 matmul: {sq:.1f} GFLOP/s (2048^2 square), {skinny:.1f} GFLOP/s "
         "(the LSTM's shape, 1e6x40 @ 40x80).",
         f"RNNprop network FLOPs per coordinate (matmuls only): {flops_per_coord}.",
