@@ -133,7 +133,8 @@ def tune(cache: Cache, task, preset: str, steps: int, opt: str, runs: int, log, 
 
 
 def run(args) -> None:
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     RESULTS.mkdir(parents=True, exist_ok=True)
     mode = "quick" if args.quick else "full"
     cache = Cache(args.out / f"paper-cache-{mode}.json")
@@ -251,6 +252,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", help="experiments: train horizon activations depths cnn sinlstm")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default); 1 on a machine shared with other jobs")
     run(ap.parse_args())
 
 
