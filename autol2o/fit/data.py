@@ -19,8 +19,6 @@ Every problem is a :class:`autol2o.errors.UserError` naming the file.
 from __future__ import annotations
 
 import csv
-import gzip
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ import torch
 from torch import Tensor
 
 from autol2o.errors import UserError
+from autol2o.meta.data import read_idx
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 BUILTIN = ("digits", "diabetes")
@@ -245,25 +244,6 @@ def _load_npy_dir(p, names, seed, task, val_fraction) -> FitData:
     return _finish(x, y, xv, yv, p / xn, "npy", seed, task, val_fraction, tabular=x.ndim == 2)
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (MNIST format), gzipped or not: magic, dims, big-endian uint8 data."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as fh:
-            raw = fh.read()
-    except (OSError, EOFError) as e:
-        raise UserError(f"{path}: cannot read IDX file ({e})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise UserError(f"{path}: not an unsigned-byte IDX file (bad magic number)")
-    ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
-    n = int(np.prod(dims))
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if body.size != n:
-        raise UserError(f"{path}: IDX header says {n} values, file holds {body.size}")
-    return body.reshape(dims)
-
-
 def _load_idx_dir(p, files, seed, task, val_fraction) -> FitData:
     def find(kind: str, split: str) -> Path | None:
         for f in files:
@@ -275,11 +255,11 @@ def _load_idx_dir(p, files, seed, task, val_fraction) -> FitData:
     if ti is None or tl is None:
         raise UserError(f"{p}: MNIST-style data needs train-images-idx3-ubyte.gz and "
                         "train-labels-idx1-ubyte.gz")
-    x, y = _read_idx(ti)[:, None].astype(np.float32) / 255.0, _read_idx(tl).astype(np.int64)
+    x, y = read_idx(ti)[:, None].astype(np.float32) / 255.0, read_idx(tl).astype(np.int64)
     xv = yv = None
     vi, vl = find("images-idx3", "t10k"), find("labels-idx1", "t10k")
     if vi is not None and vl is not None:
-        xv, yv = _read_idx(vi)[:, None].astype(np.float32) / 255.0, _read_idx(vl).astype(np.int64)
+        xv, yv = read_idx(vi)[:, None].astype(np.float32) / 255.0, read_idx(vl).astype(np.int64)
     data = _finish(x, y, xv, yv, ti, "idx", seed, task, val_fraction, tabular=False)
     if xv is not None:
         data.split = "given (t10k files as validation)"
