@@ -159,21 +159,20 @@ def run(args) -> None:
         log(f"== {exp.title}")
         for preset, steps in exp.tasks:
             task = build_task(preset, data_dir=args.data_dir, device=args.device)
-            steps_run = steps
-            log(f"  {preset} x {steps_run} steps ({runs} runs)")
+            log(f"  {preset} x {steps} steps ({runs} runs)")
             row: dict[str, tuple[dict, float | None]] = {}
             for name, rule in learned.items():
-                key = f"eval|{preset}|{steps_run}|{name}|{runs}"
-                row[name] = (cache.get(key, partial(_eval, rule, task, steps_run, runs)), None)
+                key = f"eval|{preset}|{steps}|{name}|{runs}"
+                row[name] = (cache.get(key, partial(_eval, rule, task, steps, runs)), None)
                 log(f"    {name:14s} {row[name][0]['mean']}")
             # quick mode tunes only Adam (the paper's best baseline there) at the long horizon
-            baselines = ["adam"] if args.quick and steps_run > 100 else BASELINES
+            baselines = ["adam"] if args.quick and steps > 100 else BASELINES
             for opt in baselines:
-                lr = tune(cache, task, preset, steps_run, opt, tune_runs, log, 4 if args.quick else 2)
-                key = f"eval|{preset}|{steps_run}|{opt}|{lr:.6g}|{runs}"
-                row[opt] = (cache.get(key, partial(_eval, baseline(opt, lr), task, steps_run, runs)), lr)
-            tables.setdefault(exp.name, []).append((preset, steps_run, row))
-            plot(args.out, preset, steps_run, row)
+                lr = tune(cache, task, preset, steps, opt, tune_runs, log, 4 if args.quick else 2)
+                key = f"eval|{preset}|{steps}|{opt}|{lr:.6g}|{runs}"
+                row[opt] = (cache.get(key, partial(_eval, baseline(opt, lr), task, steps, runs)), lr)
+            tables.setdefault(exp.name, []).append((preset, steps, row))
+            plot(args.out, preset, steps, row)
     write_report(args.out, selected, tables, runs, tune_runs, mode, time.perf_counter() - t_start)
 
 

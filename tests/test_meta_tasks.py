@@ -24,14 +24,7 @@ from autol2o.meta.data import load_mnist
 from autol2o.meta.tasks import generators, unflatten
 from autol2o.optimizers import RNNprop
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP thrashing on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write_idx(path, arr: np.ndarray, magic: bytes | None = None):

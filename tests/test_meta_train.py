@@ -11,14 +11,7 @@ from autol2o.meta import Task, TrainConfig, build_task, evaluate, meta_train
 from autol2o.meta.trainer import _Run
 from autol2o.optimizers import DMOptimizer, RNNprop
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids OpenMP thrashing on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _rule(seed=0):

@@ -126,6 +126,14 @@ class _DatasetTask(Task):
         self.x, self.y = self.x.to(self.device), self.y.to(self.device)
         return self
 
+    def logits(self, theta: Tensor, x: Tensor) -> Tensor:
+        """Batched model output ``(B, batch, classes)`` for flat parameters ``theta`` (B, n)."""
+        raise NotImplementedError
+
+    def loss(self, theta: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = batch
+        return _batched_xent(self.logits(theta, x), y)
+
 
 def _normal_init(gens, layout: Layout, std: float | None, device) -> Tensor:
     """Per-instance init: N(0, std^2) for every entry, or He-normal weights and zero biases."""
@@ -192,10 +200,6 @@ class MLPTask(_DatasetTask):
                 h = self.act(h)
         return h
 
-    def loss(self, theta, batch):
-        x, y = batch
-        return _batched_xent(self.logits(theta, x), y)
-
 
 class CNNTask(_DatasetTask):
     """The paper's VGG-style MNIST CNNs, B instances at once via grouped convolutions.
@@ -254,10 +258,6 @@ class CNNTask(_DatasetTask):
             if i < self.n_fc - 1:
                 h = F.relu(h)
         return h
-
-    def loss(self, theta, batch):
-        x, y = batch
-        return _batched_xent(self.logits(theta, x), y)
 
 
 class SinLSTMTask(Task):
