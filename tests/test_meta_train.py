@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import autol2o.meta.trainer as trainer_mod
+from autol2o.errors import UserError
 from autol2o.meta import Task, TrainConfig, build_task, evaluate, meta_train
 from autol2o.meta.trainer import _Run
 from autol2o.optimizers import DMOptimizer, RNNprop
@@ -45,11 +46,50 @@ def test_mean_loss_dm_with_tricks_and_validation_keeps_best():
                       meta_lr=1e-3, grad_clip=1.0)
     res = meta_train(rule, task, cfg, progress=False)
     vals = [h["val_loss"] for h in res.history if "val_loss" in h]
-    assert len(vals) == 3 and res.best_val == min(vals)
-    assert res.best_iteration == 2 * (vals.index(min(vals)) + 1)
+    initial = res.card_fields["validation"]["initial_val_loss"]
+    assert len(vals) == 3 and res.best_val == min([initial, *vals])
+    assert res.best_iteration == 2 * ([initial, *vals].index(res.best_val))
     # the returned rule carries the best weights: re-validating it reproduces the best value
     again = evaluate(res.rule, task, steps=10, runs=4, seed=cfg.val_seed).final_loss
     assert math.isclose(again, res.best_val, rel_tol=1e-5)
+
+
+def test_validation_keeps_the_starting_weights_when_training_makes_them_worse():
+    """A warm start is validated before the first update: with a meta-lr that wrecks the rule,
+    the starting weights come back (iteration 0), unchanged."""
+    task = build_task("quadratic")
+    rule = _rule()
+    start = {k: v.clone() for k, v in rule.state_dict().items()}
+    cfg = TrainConfig(horizon=10, unroll=5, iterations=4, batch=2, validate_every=2, val_runs=4,
+                      meta_lr=5.0)
+    res = meta_train(rule, task, cfg, progress=False)
+    vals = [h["val_loss"] for h in res.history if "val_loss" in h]
+    assert min(vals) > res.card_fields["validation"]["initial_val_loss"] == res.best_val
+    assert res.best_iteration == 0
+    for k, v in res.rule.state_dict().items():
+        assert torch.equal(v, start[k])
+
+
+def test_cosine_meta_lr_schedule():
+    """lr_i = lr (1 + cos(pi i / N)) / 2; the first update equals a constant-lr run's, later
+    ones differ (so the schedule really reaches the meta-optimizer)."""
+    cfg = TrainConfig(meta_lr=1e-3, iterations=4, lr_schedule="cosine")
+    assert [cfg.lr_at(i) for i in range(4)] == pytest.approx(
+        [1e-3, 1e-3 * (1 + math.cos(math.pi / 4)) / 2, 5e-4, 1e-3 * (1 + math.cos(3 * math.pi / 4)) / 2])
+    assert TrainConfig(meta_lr=1e-3).lr_at(3) == 1e-3
+    with pytest.raises(UserError, match="lr_schedule"):
+        TrainConfig(lr_schedule="step")
+
+    def weights(schedule, iterations):
+        rule = _rule()
+        meta_train(rule, build_task("quadratic"),
+                   TrainConfig(horizon=4, unroll=2, iterations=iterations, batch=2, meta_lr=1e-2,
+                               lr_schedule=schedule), progress=False)
+        return torch.cat([p.detach().reshape(-1) for p in rule.parameters()])
+
+    # one iteration: cos(0) = 1, so both schedules make the same single step
+    torch.testing.assert_close(weights("cosine", 1), weights("constant", 1), rtol=0, atol=0)
+    assert not torch.equal(weights("cosine", 3), weights("constant", 3))
 
 
 def test_curriculum_horizons():

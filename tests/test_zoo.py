@@ -255,8 +255,33 @@ def test_cli_train_writes_a_loadable_entry(tmp_path):
     assert card["tricks"]["random_scaling"] == 0 and training["meta_loss"] == "mean"
     assert card["command"] == (
         f"autol2o zoo train --rule dm --task quadratic --horizon 6 --unroll 3 --iterations 4 "
-        f"--batch 2 --meta-lr 0.001 --no-random-scaling --no-convex --curriculum 0:4,2:6 "
-        f"--validate-every 0 --seed 0 --out {out}")
+        f"--batch 2 --meta-lr 0.001 --lr-schedule constant --no-random-scaling --no-convex "
+        f"--curriculum 0:4,2:6 --validate-every 0 --val-runs 8 --seed 0 --out {out}")
     rows = json.loads(runner.invoke(app, ["zoo", "list", "--json", "--root", str(out.parent)])
                       .stdout)
     assert rows[0]["horizon"] == 6 and rows[0]["trained_on"] == ["quadratic"]
+
+
+def test_cli_train_init_continues_from_an_entry(entry, tmp_path):
+    """`--init` starts from the entry's weights (0 iterations: identical updates) and the card
+    names the entry it started from; a rule mismatch or a tampered entry is a one-line error."""
+    out = tmp_path / "warm"
+    base = ["zoo", "train", "--task", "quadratic", "--horizon", "4", "--unroll", "2",
+            "--batch", "1", "--device", "cpu", "--init", str(entry)]
+    res = runner.invoke(app, [*base, "--rule", "rnnprop", "--iterations", "0", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    grads = torch.randn(5, 7)
+    torch.testing.assert_close(_run(load_rule(out), grads), _run(load_rule(entry), grads),
+                               rtol=0, atol=0)
+    card = json.loads((out / CARD_FILE).read_text())
+    assert card["init_from"]["sha256"] == json.loads((entry / CARD_FILE).read_text())["sha256"]
+    assert f"--init {entry}" in card["command"]
+
+    res = runner.invoke(app, [*base, "--rule", "dm", "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "holds a 'rnnprop' rule, not 'dm'" in str(res.exception)
+    blob = bytearray((entry / WEIGHTS_FILE).read_bytes())
+    blob[-1] ^= 1
+    (entry / WEIGHTS_FILE).write_bytes(bytes(blob))
+    res = runner.invoke(app, [*base, "--rule", "rnnprop", "--out", str(tmp_path / "y")])
+    assert res.exit_code != 0 and str(entry / WEIGHTS_FILE) in str(res.exception)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -122,6 +122,11 @@ def train_cmd(
     iterations: Annotated[int, typer.Option(help="Meta-iterations (runs per instance batch).")] = 200,
     batch: Annotated[int, typer.Option(help="Optimizee instances trained at once.")] = 8,
     meta_lr: Annotated[float, typer.Option("--meta-lr", help="Adam learning rate on meta-weights.")] = 1e-3,
+    lr_schedule: Annotated[str, typer.Option(
+        "--lr-schedule", help="Meta learning-rate schedule: constant or cosine (decays to 0).")] = "constant",
+    init: Annotated[str | None, typer.Option(
+        "--init", help="Start from this zoo entry's weights (name or directory) instead of "
+                       "a random init.")] = None,
     random_scaling: Annotated[bool | None, typer.Option(
         "--random-scaling/--no-random-scaling",
         help="Random scaling trick (default: on for rnnprop, off for dm).")] = None,
@@ -133,6 +138,8 @@ def train_cmd(
              "bare horizons spread evenly over --iterations (e.g. 100,200,500,1000).")] = None,
     validate_every: Annotated[int, typer.Option(
         "--validate-every", help="Validate every K meta-iterations and keep the best (0: off).")] = 0,
+    val_runs: Annotated[int, typer.Option(
+        "--val-runs", help="Optimizee runs per validation (more: less noisy best-pick).")] = 8,
     checkpoint_every: Annotated[int, typer.Option(
         "--checkpoint-every", help="Checkpoint every K meta-iterations (for --resume).")] = 25,
     data_dir: Annotated[Path | None, typer.Option(
@@ -161,23 +168,24 @@ def train_cmd(
 
     config = TrainConfig(
         horizon=stages[0][1] if stages else horizon, unroll=unroll, iterations=iterations,
-        meta_lr=meta_lr, batch=batch, seed=seed, curriculum=tuple(stages),
+        meta_lr=meta_lr, lr_schedule=lr_schedule, batch=batch, seed=seed, curriculum=tuple(stages),
         meta_loss="mean" if rule == "dm" else "last",
         random_scaling=3.0 if (tricks if random_scaling is None else random_scaling) else 0.0,
         convex_combination=tricks if convex is None else convex,
-        validate_every=validate_every, checkpoint_every=checkpoint_every)
+        validate_every=validate_every, val_runs=val_runs, checkpoint_every=checkpoint_every)
     # the canonical command (every setting explicit, --resume dropped) reproduces the entry
     argv = ["--rule", rule, *[a for t in (task or ["mlp-digits"]) for a in ("--task", t)],
             "--horizon", horizon, "--unroll", unroll, "--iterations", iterations, "--batch", batch,
-            "--meta-lr", meta_lr,
+            "--meta-lr", meta_lr, "--lr-schedule", lr_schedule, *(["--init", init] if init else []),
             "--random-scaling" if config.random_scaling else "--no-random-scaling",
             "--convex" if config.convex_combination else "--no-convex",
             *(["--curriculum", ",".join(f"{i}:{h}" for i, h in stages)] if stages else []),
-            "--validate-every", validate_every, *(["--data-dir", data_dir] if data_dir else []),
+            "--validate-every", validate_every, "--val-runs", val_runs,
+            *(["--data-dir", data_dir] if data_dir else []),
             "--seed", seed, "--out", out]
     command = "autol2o zoo train " + " ".join(shlex.quote(str(a)) for a in argv)
     path = train_to_zoo(rule, list(task or ["mlp-digits"]), config, out, data_dir, device,
-                        resume, command)
+                        resume, command, init=init)
     typer.echo(str(path))
 
 

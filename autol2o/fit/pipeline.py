@@ -324,12 +324,14 @@ class FitRun:
         r_new = train_run(self.p, OptSpec("learned", ft_name, rule=res.rule), steps=probe,
                           seed=cfg.seed, batch_size=cfg.batch_size)
         used = r_new.final_val_loss <= r_old.final_val_loss
+        n_val = sum("val_loss" in h for h in res.history) + (
+            res.card_fields["validation"]["initial_val_loss"] is not None)
         self.timings["fine_tune"] = time.perf_counter() - t0
         ph["fine_tune"] = {
             "name": ft_name, "path": str(path), "iterations": cfg.fine_tune,
             # meta-training unrolls + its validation runs + the two probe runs
             "optimizee_steps": cfg.fine_tune * tc.unroll * tc.batch
-            + (cfg.fine_tune // tc.validate_every) * tc.val_runs * tc.horizon + 2 * probe,
+            + n_val * tc.val_runs * tc.horizon + 2 * probe,
             "diverged_runs": res.diverged, "best_val": res.best_val,
             "probe_val_loss_before": _num(r_old.final_val_loss),
             "probe_val_loss_after": _num(r_new.final_val_loss), "used": used,

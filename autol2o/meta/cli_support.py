@@ -14,15 +14,19 @@ from .trainer import TrainConfig, _world, meta_train
 
 
 def train_to_zoo(rule_name: str, task_names: list[str], config: TrainConfig, out: Path,
-                 data_dir: Path | None, device: str, resume: bool, command: str) -> Path:
-    """Meta-train a fresh ``rule_name`` rule on ``task_names`` and save it as zoo entry ``out``.
+                 data_dir: Path | None, device: str, resume: bool, command: str,
+                 init: str | Path | None = None) -> Path:
+    """Meta-train a ``rule_name`` rule on ``task_names`` and save it as zoo entry ``out``.
+
+    The rule starts from random weights, or from zoo entry ``init`` (a name or a directory,
+    checksum verified; its rule must be ``rule_name``) to continue training it.
 
     The checkpoint lives in ``out/checkpoint/`` while training (``resume=True`` continues from
     it) and is removed once the entry is written.  Validation (if ``config.validate_every``) uses
     the training tasks on held-out instance seeds.  Under ``torchrun`` only rank 0 writes.
     Returns ``out``.
     """
-    from ..zoo import save_entry
+    from ..zoo import load_entry, save_entry
 
     if rule_name not in RULES:
         raise UserError(f"unknown learned rule {rule_name!r}; known: {', '.join(sorted(RULES))}")
@@ -31,6 +35,14 @@ def train_to_zoo(rule_name: str, task_names: list[str], config: TrainConfig, out
     out = Path(out)
     torch.manual_seed(config.seed)  # the rule's random init is part of "seeds for everything"
     rule = build_rule({"rule": rule_name})
+    init_from = None
+    if init is not None:
+        start, start_card = load_entry(init)
+        if start.name != rule_name:
+            raise UserError(f"--init {init}: entry holds a {start.name!r} rule, not {rule_name!r}")
+        rule = start
+        init_from = {"entry": start_card.get("name", str(init)), "sha256": start_card.get("sha256"),
+                     "meta_iterations": (start_card.get("training") or {}).get("meta_iterations")}
     tasks = [build_task(name, data_dir, device) for name in task_names]
     ckpt = out / "checkpoint"
     result = meta_train(rule, tasks, config, device=device, checkpoint_dir=ckpt, resume=resume,
@@ -43,6 +55,7 @@ def train_to_zoo(rule_name: str, task_names: list[str], config: TrainConfig, out
         "description": f"{rule_name} meta-trained on {', '.join(task_names)}",
         "trained_on": list(task_names),
         **result.card_fields,
+        **({"init_from": init_from} if init_from else {}),
         "command": command,
     }
     save_entry(result.rule.cpu(), out, card, overwrite=True)

@@ -55,6 +55,9 @@ class TrainConfig:
     unroll: int = 20              #: steps per truncated-BPTT segment (one meta-update)
     iterations: int = 1000        #: meta-updates in total
     meta_lr: float = 1e-4         #: Adam learning rate on the meta-weights
+    #: "constant", or "cosine": lr_i = meta_lr * (1 + cos(pi * i / iterations)) / 2, which lets a
+    #: long run (or a warm start from a zoo entry) settle instead of hovering at the noise floor
+    lr_schedule: str = "constant"
     batch: int = 8                #: optimizee instances per run (B), served by one rule call
     meta_loss: str = "last"       #: "last" (RNNprop) or "mean" (DMoptimizer)
     random_scaling: float = 0.0   #: r of the random scaling trick; 0 disables it (paper: 3)
@@ -74,6 +77,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.meta_loss not in ("last", "mean"):
             raise UserError(f"meta_loss must be 'last' or 'mean', got {self.meta_loss!r}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise UserError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         if min(self.horizon, self.unroll, self.batch) < 1 or self.iterations < 0:
             raise UserError("horizon, unroll and batch must be >= 1 and iterations >= 0")
         cur = list(self.curriculum or ())
@@ -88,6 +93,12 @@ class TrainConfig:
             if iteration >= start:
                 h = hor
         return h
+
+    def lr_at(self, iteration: int) -> float:
+        """Meta learning rate for the update made at ``iteration`` (0-based)."""
+        if self.lr_schedule == "cosine" and self.iterations > 0:
+            return self.meta_lr * 0.5 * (1.0 + math.cos(math.pi * iteration / self.iterations))
+        return self.meta_lr
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -333,8 +344,15 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
         os.replace(tmp, ckpt_path)  # atomic: a kill mid-write leaves the previous checkpoint
 
     t_start = time.perf_counter()
+    if config.validate_every and iteration == 0 and best["val"] is None:
+        # the starting weights are a candidate too: a warm start (``zoo train --init``) must
+        # never come back worse than it went in
+        val = _validate(rule, val_tasks, config, config.horizon_at(0))
+        if math.isfinite(val):
+            best = {"val": val, "iteration": 0, "initial": val,
+                    "weights": {k: v.detach().cpu().clone() for k, v in rule.state_dict().items()}}
     bar = _progress(progress and rank == 0, config.iterations, iteration)
-    val_txt = "-" if best["val"] is None else f"{best['val']:.4g}"
+    val_txt = "-" if best["val"] is None else f"{best['val']:.4g} (initial)"
     try:
         while iteration < config.iterations:
             if run is None or run.done:
@@ -357,6 +375,8 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
             if _sync_grads(rule, ok, world):
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(rule.parameters(), config.grad_clip)
+                for group in meta_opt.param_groups:
+                    group["lr"] = config.lr_at(iteration)
                 meta_opt.step()
             iteration += 1
             record = {"iteration": iteration, "meta_loss": float(meta_loss.detach()) if ok else None,
@@ -366,7 +386,7 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
                 val = _validate(rule, val_tasks, config, config.horizon_at(iteration - 1))
                 record["val_loss"] = val
                 if math.isfinite(val) and (best["val"] is None or val < best["val"]):
-                    best = {"val": val, "iteration": iteration,
+                    best = {"val": val, "iteration": iteration, "initial": best.get("initial"),
                             "weights": {k: v.detach().cpu().clone()
                                         for k, v in rule.state_dict().items()}}
                 val_txt = (f"{val:.4g} (best {best['val']:.4g})" if best["val"] is not None
@@ -398,13 +418,15 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
             "curriculum": [list(p) for p in config.curriculum],
             "max_horizon": max([config.horizon] + [h for _, h in config.curriculum]),
             "meta_iterations": iteration, "meta_loss": config.meta_loss,
-            "meta_optimizer": "adam", "meta_lr": config.meta_lr, "grad_clip": config.grad_clip,
+            "meta_optimizer": "adam", "meta_lr": config.meta_lr,
+            "lr_schedule": config.lr_schedule, "grad_clip": config.grad_clip,
             "batch": config.batch, "world_size": world, "seed": config.seed,
             "diverged": diverged, "config": config.to_dict()},
         "validation": {"tasks": [t.spec for t in val_tasks], "every": config.validate_every,
                        "runs": config.val_runs, "steps": config.val_steps or config.horizon,
                        "seed": config.val_seed, "best_val_loss": best["val"],
                        "best_iteration": best["iteration"],
+                       "initial_val_loss": best.get("initial"),
                        "first_val_loss": vals[0] if vals else None,
                        "last_val_loss": vals[-1] if vals else None},
         "wall_time_s": round(wall, 1), "hardware": hardware_info(device),
