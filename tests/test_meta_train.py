@@ -77,6 +77,9 @@ def test_cosine_meta_lr_schedule():
     assert [cfg.lr_at(i) for i in range(4)] == pytest.approx(
         [1e-3, 1e-3 * (1 + math.cos(math.pi / 4)) / 2, 5e-4, 1e-3 * (1 + math.cos(3 * math.pi / 4)) / 2])
     assert TrainConfig(meta_lr=1e-3).lr_at(3) == 1e-3
+    warm = TrainConfig(meta_lr=1e-3, iterations=4, lr_schedule="cosine", warmup=2)
+    assert [warm.lr_at(i) for i in range(4)] == pytest.approx(
+        [cfg.lr_at(0) / 3, cfg.lr_at(1) * 2 / 3, cfg.lr_at(2), cfg.lr_at(3)])
     with pytest.raises(UserError, match="lr_schedule"):
         TrainConfig(lr_schedule="step")
 

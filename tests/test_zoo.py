@@ -255,8 +255,8 @@ def test_cli_train_writes_a_loadable_entry(tmp_path):
     assert card["tricks"]["random_scaling"] == 0 and training["meta_loss"] == "mean"
     assert card["command"] == (
         f"autol2o zoo train --rule dm --task quadratic --horizon 6 --unroll 3 --iterations 4 "
-        f"--batch 2 --meta-lr 0.001 --lr-schedule constant --no-random-scaling --no-convex "
-        f"--curriculum 0:4,2:6 --validate-every 0 --val-runs 8 --seed 0 --out {out}")
+        f"--batch 2 --meta-lr 0.001 --lr-schedule constant --warmup 0 --no-random-scaling "
+        f"--no-convex --curriculum 0:4,2:6 --validate-every 0 --val-runs 8 --seed 0 --out {out}")
     rows = json.loads(runner.invoke(app, ["zoo", "list", "--json", "--root", str(out.parent)])
                       .stdout)
     assert rows[0]["horizon"] == 6 and rows[0]["trained_on"] == ["quadratic"]

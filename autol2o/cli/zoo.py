@@ -124,6 +124,8 @@ def train_cmd(
     meta_lr: Annotated[float, typer.Option("--meta-lr", help="Adam learning rate on meta-weights.")] = 1e-3,
     lr_schedule: Annotated[str, typer.Option(
         "--lr-schedule", help="Meta learning-rate schedule: constant or cosine (decays to 0).")] = "constant",
+    warmup: Annotated[int, typer.Option(
+        "--warmup", help="Iterations of linear meta-lr warmup (useful with --init).")] = 0,
     init: Annotated[str | None, typer.Option(
         "--init", help="Start from this zoo entry's weights (name or directory) instead of "
                        "a random init.")] = None,
@@ -168,7 +170,8 @@ def train_cmd(
 
     config = TrainConfig(
         horizon=stages[0][1] if stages else horizon, unroll=unroll, iterations=iterations,
-        meta_lr=meta_lr, lr_schedule=lr_schedule, batch=batch, seed=seed, curriculum=tuple(stages),
+        meta_lr=meta_lr, lr_schedule=lr_schedule, warmup=warmup, batch=batch, seed=seed,
+        curriculum=tuple(stages),
         meta_loss="mean" if rule == "dm" else "last",
         random_scaling=3.0 if (tricks if random_scaling is None else random_scaling) else 0.0,
         convex_combination=tricks if convex is None else convex,
@@ -176,7 +179,8 @@ def train_cmd(
     # the canonical command (every setting explicit, --resume dropped) reproduces the entry
     argv = ["--rule", rule, *[a for t in (task or ["mlp-digits"]) for a in ("--task", t)],
             "--horizon", horizon, "--unroll", unroll, "--iterations", iterations, "--batch", batch,
-            "--meta-lr", meta_lr, "--lr-schedule", lr_schedule, *(["--init", init] if init else []),
+            "--meta-lr", meta_lr, "--lr-schedule", lr_schedule, "--warmup", warmup,
+            *(["--init", init] if init else []),
             "--random-scaling" if config.random_scaling else "--no-random-scaling",
             "--convex" if config.convex_combination else "--no-convex",
             *(["--curriculum", ",".join(f"{i}:{h}" for i, h in stages)] if stages else []),

@@ -58,6 +58,9 @@ class TrainConfig:
     #: "constant", or "cosine": lr_i = meta_lr * (1 + cos(pi * i / iterations)) / 2, which lets a
     #: long run (or a warm start from a zoo entry) settle instead of hovering at the noise floor
     lr_schedule: str = "constant"
+    #: linear warmup over the first iterations: a warm start (``--init``) with a fresh Adam state
+    #: otherwise takes full-size, sign-like first steps on every meta-weight and loses ground
+    warmup: int = 0
     batch: int = 8                #: optimizee instances per run (B), served by one rule call
     meta_loss: str = "last"       #: "last" (RNNprop) or "mean" (DMoptimizer)
     random_scaling: float = 0.0   #: r of the random scaling trick; 0 disables it (paper: 3)
@@ -79,8 +82,10 @@ class TrainConfig:
             raise UserError(f"meta_loss must be 'last' or 'mean', got {self.meta_loss!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise UserError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if min(self.horizon, self.unroll, self.batch) < 1 or self.iterations < 0:
-            raise UserError("horizon, unroll and batch must be >= 1 and iterations >= 0")
+        if min(self.horizon, self.unroll, self.batch, self.val_runs) < 1 or min(
+                self.iterations, self.warmup) < 0:
+            raise UserError("horizon, unroll, batch and val_runs must be >= 1, iterations and "
+                            "warmup >= 0")
         cur = list(self.curriculum or ())
         if cur and all(isinstance(h, int) for h in cur):
             share = self.iterations / len(cur)
@@ -96,9 +101,12 @@ class TrainConfig:
 
     def lr_at(self, iteration: int) -> float:
         """Meta learning rate for the update made at ``iteration`` (0-based)."""
+        lr = self.meta_lr
         if self.lr_schedule == "cosine" and self.iterations > 0:
-            return self.meta_lr * 0.5 * (1.0 + math.cos(math.pi * iteration / self.iterations))
-        return self.meta_lr
+            lr *= 0.5 * (1.0 + math.cos(math.pi * iteration / self.iterations))
+        if iteration < self.warmup:
+            lr *= (iteration + 1) / (self.warmup + 1)
+        return lr
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -419,7 +427,7 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
             "max_horizon": max([config.horizon] + [h for _, h in config.curriculum]),
             "meta_iterations": iteration, "meta_loss": config.meta_loss,
             "meta_optimizer": "adam", "meta_lr": config.meta_lr,
-            "lr_schedule": config.lr_schedule, "grad_clip": config.grad_clip,
+            "lr_schedule": config.lr_schedule, "warmup": config.warmup, "grad_clip": config.grad_clip,
             "batch": config.batch, "world_size": world, "seed": config.seed,
             "diverged": diverged, "config": config.to_dict()},
         "validation": {"tasks": [t.spec for t in val_tasks], "every": config.validate_every,
