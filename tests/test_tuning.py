@@ -121,3 +121,16 @@ def test_storages(tmp_path):
         make_storage("somewhere")
     with pytest.raises(UserError, match="cannot open Optuna storage"):
         make_storage("sqlite:////nonexistent-dir/x/y.db", attempts=2)
+
+
+def test_missing_database_driver_is_one_clear_error_without_retries(monkeypatch):
+    calls = []
+
+    def no_driver(url, **kwargs):
+        calls.append(url)
+        raise ImportError("Failed to import DB access module for the specified storage URL.")
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", no_driver)
+    with pytest.raises(UserError, match=r"no database driver .* psycopg2-binary .* pymysql"):
+        make_storage("postgresql://u@db/optuna")
+    assert calls == ["postgresql://u@db/optuna"]  # not retried

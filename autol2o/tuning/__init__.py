@@ -70,6 +70,11 @@ def make_storage(url: str, *, attempts: int = 6) -> optuna.storages.BaseStorage:
         for attempt in range(attempts):
             try:
                 return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
+            except ImportError as e:  # no database driver: retrying cannot help
+                raise UserError(f"{url}: cannot open Optuna storage: no database driver for it "
+                                f"({e}); install one and name it in the URL, e.g. "
+                                "pip install psycopg2-binary with postgresql+psycopg2://..., "
+                                "pip install pymysql with mysql+pymysql://...") from e
             except Exception as e:  # schema-creation race, unreachable server, bad URL
                 if attempt == attempts - 1:
                     raise UserError(f"{url}: cannot open Optuna storage ({type(e).__name__}: "
