@@ -89,3 +89,45 @@ def test_parallel_trials_n_jobs(tmp_path):
     for t in res.report["tuning"].values():
         assert t["n_trials"] == 4 and t["trials_by_this_process"] == [0, 1, 2, 3]
         assert t["n_complete"] + t["n_pruned"] == 4
+
+
+def test_storage_password_never_reaches_run_files(tmp_path, monkeypatch):
+    """A database URL's password is redacted in report.json, report.md and state.json; resuming
+    such a run needs the URL again (and only the same URL is accepted)."""
+    import optuna
+
+    import autol2o.fit.pipeline as pipeline
+    import autol2o.tuning as tuning
+    from autol2o.errors import UserError
+    from autol2o.fit.pipeline import FitConfig, restore_storage
+
+    url = "postgresql+psycopg2://me:s3cret-pw@db.example/optuna"
+    journal = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "j.log")))
+    opened = []
+
+    def fake_storage(u, **kwargs):  # no database server in tests: same URL, a journal behind it
+        opened.append(u)
+        return journal
+
+    monkeypatch.setattr(pipeline, "make_storage", fake_storage)
+    monkeypatch.setattr(tuning, "make_storage", fake_storage)
+    torch.manual_seed(0)
+    tr, va = loaders()
+    autol2o.optimize(nn.Linear(6, 3), tr, va, steps=10, trials=2, seeds=1, storage=url,
+                     study="s", out=tmp_path / "run", progress=False)
+    assert opened and set(opened) == {url}       # the real URL was used to connect
+    files = [f for f in (tmp_path / "run").rglob("*") if f.suffix in (".json", ".md", ".csv")]
+    assert {f.name for f in files} >= {"report.json", "report.md", "state.json"}
+    for f in files:
+        assert "s3cret" not in f.read_text(), f
+    saved = json.loads((tmp_path / "run" / "state.json").read_text())["config"]["storage"]
+    assert saved == "postgresql+psycopg2://me:***@db.example/optuna"
+
+    cfg = FitConfig.from_dict({"storage": saved})
+    assert restore_storage(cfg, url, tmp_path).storage == url
+    for given in (None, "postgresql+psycopg2://me:pw@other-host/optuna"):
+        with pytest.raises(UserError, match="has a password, which is not saved"):
+            restore_storage(FitConfig.from_dict({"storage": saved}), given, tmp_path)
+    plain = FitConfig.from_dict({"storage": "sqlite:///x.db"})
+    assert restore_storage(plain, None, tmp_path).storage == "sqlite:///x.db"

@@ -39,6 +39,7 @@ from .pipeline import (
     new_run_dir,
     read_state,
     resolve_device,
+    restore_storage,
 )
 from .problem import Problem, UserModel, from_object, load_model_file
 from .progress import Reporter
@@ -140,7 +141,7 @@ def fit_files(model_path: str | Path | None, data_path: str | Path | None, cfg: 
         if inp.get("model") == "<api model>":
             raise UserError(f"{resume}: this run was started from Python; resume it with "
                             "autol2o.optimize(..., out=RUN_DIR, resume=True)")
-        cfg = FitConfig.from_dict(state["config"])
+        cfg = restore_storage(FitConfig.from_dict(state["config"]), cfg.storage, Path(resume))
         model_path, data_path, target = inp.get("model"), inp.get("data"), inp.get("target")
     cfg.validate()
     check_zoo(cfg)   # before any loading: nothing to race is the first thing to say
@@ -189,7 +190,7 @@ def _run_in(problem: Problem, cfg: FitConfig, out, resume: bool, inputs: dict[st
         state = read_state(run_dir)
         if state.get("status") == "complete":
             raise UserError(f"{run_dir}: this run is already complete (see its report.json)")
-        cfg = FitConfig.from_dict(state["config"])
+        cfg = restore_storage(FitConfig.from_dict(state["config"]), cfg.storage, run_dir)
         check_zoo(cfg)
         reporter.log(f"resuming {run_dir}")
         fr = FitRun(problem, cfg, run_dir, reporter=reporter, state=state)

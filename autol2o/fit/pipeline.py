@@ -184,8 +184,9 @@ class FitRun:
         self.p, self.cfg, self.dir = problem, cfg, Path(run_dir)
         self.out = reporter or Reporter(False)
         self.eval_every = cfg.eval_every or default_eval_every(cfg.steps)
-        self.state = state or {"config": cfg.to_dict(), "inputs": inputs or {}, "phases": {},
-                               "created": _now()}
+        # a storage password never goes into run files; --resume asks for the URL again
+        self.state = state or {"config": cfg.to_dict() | {"storage": _redact_opt(cfg.storage)},
+                               "inputs": inputs or {}, "phases": {}, "created": _now()}
         self.state.setdefault("phases", {})
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.storage_url = cfg.storage or f"sqlite:///{(self.dir / 'optuna.db').resolve()}"
@@ -494,7 +495,8 @@ class FitRun:
             "device": str(self.p.device),
             "inputs": {**self.state.get("inputs", {}), **self.p.summary(),
                        "data": self.p.data.summary()},
-            "config": cfg.to_dict() | {"probe_steps": cfg.probe_steps,
+            "config": cfg.to_dict() | {"storage": _redact_opt(cfg.storage),
+                                       "probe_steps": cfg.probe_steps,
                                        "eval_every": self.eval_every},
             "race": ph.get("race"),
             "fine_tune": ph.get("fine_tune"),
@@ -667,6 +669,22 @@ def _params(p: dict[str, Any]) -> str:
 def _redact(url: str) -> str:
     """Hide a password in an RDB URL before it goes into files."""
     return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+
+
+def _redact_opt(url: str | None) -> str | None:
+    return None if url is None else _redact(url)
+
+
+def restore_storage(saved: FitConfig, given: str | None, run_dir: Path) -> FitConfig:
+    """The saved config of a run being resumed, with its storage URL's password (which was not
+    saved) taken from ``given``, the URL passed again with ``--storage``/``storage=``."""
+    if saved.storage is None or ":***@" not in saved.storage:
+        return saved
+    if given is None or _redact(given) != saved.storage:
+        raise UserError(f"{run_dir}: this run's Optuna storage {saved.storage} has a password, "
+                        "which is not saved in the run; pass the same URL again with --storage")
+    saved.storage = given
+    return saved
 
 
 def _now() -> str:
