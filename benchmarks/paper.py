@@ -140,14 +140,17 @@ def run(args) -> None:
     cache = Cache(args.out / f"paper-cache-{mode}.json")
     runs = args.runs or (5 if args.quick else 20)
     tune_runs = args.tune_runs or (1 if args.quick else 5)
-    from autol2o.zoo import ZooError, load_rule
+    from autol2o.zoo import ZooError, load_entry
 
-    learned = {}
+    learned, version = {}, {}
     for name in LEARNED:
         try:
-            learned[name] = load_rule(name).to(args.device)
+            rule, card = load_entry(name)
         except ZooError as exc:
             print(f"skipping {name}: {exc}", file=sys.stderr)
+            continue
+        learned[name] = rule.to(args.device)
+        version[name] = card["sha256"][:12]  # a retrained entry must not reuse cached results
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -162,7 +165,7 @@ def run(args) -> None:
             log(f"  {preset} x {steps} steps ({runs} runs)")
             row: dict[str, tuple[dict, float | None]] = {}
             for name, rule in learned.items():
-                key = f"eval|{preset}|{steps}|{name}|{runs}"
+                key = f"eval|{preset}|{steps}|{name}@{version[name]}|{runs}"
                 row[name] = (cache.get(key, partial(_eval, rule, task, steps, runs)), None)
                 log(f"    {name:14s} {row[name][0]['mean']}")
             # quick mode tunes only Adam (the paper's best baseline there) at the long horizon

@@ -47,9 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: keep)")
+    p.add_argument("--init", help="start from this zoo entry's weights (name or directory)")
     for name, typ in (("horizon", int), ("unroll", int), ("iterations", int), ("batch", int),
                       ("meta-lr", float), ("random-scaling", float), ("seed", int),
-                      ("validate-every", int), ("checkpoint-every", int)):
+                      ("validate-every", int), ("val-runs", int), ("checkpoint-every", int),
+                      ("warmup", int), ("lr-schedule", str)):
         p.add_argument(f"--{name}", type=typ)
     p.add_argument("--meta-loss", choices=["last", "mean"])
     p.add_argument("--convex", action="store_true")
@@ -59,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, device = init_distributed(args.device)
     kw = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in
           ("horizon", "unroll", "iterations", "batch", "meta-lr", "random-scaling", "seed",
-           "validate-every", "checkpoint-every", "meta-loss")}
+           "validate-every", "val-runs", "checkpoint-every", "warmup", "lr-schedule",
+           "meta-loss")}
     config = TrainConfig(**{k: v for k, v in kw.items() if v is not None},
                          convex_combination=args.convex)
     tasks = args.tasks or ["mlp-digits"]
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             command = "torchrun ... -m autol2o.meta.launch " + " ".join(
                 shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
             train_to_zoo(args.rule, tasks, config, args.out, args.data_dir, device, args.resume,
-                         command)
+                         command, init=args.init)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
