@@ -14,6 +14,11 @@ Sections (issue 3's quality bar):
    sin-LSTM (bar: wins on a majority).  The CNNs are expensive on CPU, so their Adam grid is the
    part 2^-9 .. 2^-5 around the paper's best rates (2^-6, 2^-7.5) and use ``--cnn-runs`` runs.
 
+4. the same task at ``--stability-steps`` (10000, the paper's longest horizon): divergences and
+   loss vs Adam tuned on 2^-8 .. 2^-6 around the paper's best 2^-7 (bar, from issue 5: no run
+   diverges).  The costliest section (~20 min per learned entry on one core); ``--entries``
+   limits which zoo entries run.
+
 Sections can be run separately (``--sections 3``); the results file keeps the sections not rerun.
 
 Writes ``benchmarks/results/zoo_eval.md`` and puts each entry's headline into its card's
@@ -71,7 +76,9 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--cnn-runs", type=int, default=4)
     ap.add_argument("--long-steps", type=int, default=2000)
+    ap.add_argument("--stability-steps", type=int, default=10000)
     ap.add_argument("--root", type=Path, default=None, help="zoo root (default: shipped zoo)")
+    ap.add_argument("--entries", default="", help="comma-separated zoo entries (default: all)")
     ap.add_argument("--sections", default="1,2,3")
     ap.add_argument("--mix-tasks", default=",".join(MIX_TASKS))
     ap.add_argument("--threads", type=int, default=1)
@@ -84,7 +91,11 @@ def main() -> None:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    entries = {e.name: load_entry(e.path)[0] for e in list_entries(args.root)}
+    wanted = [n for n in args.entries.split(",") if n]
+    entries = {e.name: load_entry(e.path)[0] for e in list_entries(args.root)
+               if not wanted or e.name in wanted}
+    if missing := sorted(set(wanted) - set(entries)):
+        ap.error(f"--entries: not in the zoo: {', '.join(missing)}")
     log(f"zoo: {', '.join(entries)}")
     t0 = time.time()
     md = ["# Zoo evaluation (`benchmarks/zoo_eval.py`)", "",
@@ -168,6 +179,33 @@ def main() -> None:
         headlines.setdefault("rnnprop-mix", {})["paper-mnist-tasks"] = {
             "wins_vs_best_adam": wins, "tasks": len(names), "runs": args.runs,
             "cnn_runs": args.cnn_runs}
+
+    if 4 in sections:
+        steps = args.stability_steps
+        log(f"section 4: mnist-nn-sigmoid, {steps} steps (stability)")
+        grid = [g for g in FULL_GRID if 2.0 ** -8 <= g <= 2.0 ** -6]
+        lr, best, _ = tune_adam(sig, steps, args.runs, grid, log)
+        md += [f"## 4. mnist-nn-sigmoid, {steps} steps (stability at the paper's longest horizon)",
+               "", f"{args.runs} runs; Adam grid {lr_label(grid[0])}..{lr_label(grid[-1])} "
+               f"({len(grid)} rates around the paper's best 2^-7); best Adam lr = {lr_label(lr)}."
+               "  Bar: no run diverges.", "",
+               "| optimizer | final loss | worst run | ratio to best Adam | diverged |",
+               "|---|---|---|---|---|",
+               f"| Adam (best lr {lr_label(lr)}) | {fmt(best)} | "
+               f"{float(best.final_losses.max()):.4f} | 1.00 | {best.diverged} |"]
+        for name, rule in entries.items():
+            if name.startswith("dm-"):
+                continue  # DMoptimizer already fails at 2000 steps (section 2); 20 min saved
+            res = evaluate(rule, sig, steps=steps, runs=args.runs)
+            ratio = res.final_loss / best.final_loss
+            md.append(f"| {name} | {fmt(res)} | {float(res.final_losses.max()):.4f} | "
+                      f"{ratio:.2f} | {res.diverged} |")
+            log(f"  {name}: {res.final_loss:.4f} ({ratio:.2f}x, diverged {res.diverged})")
+            headlines.setdefault(name, {})[f"mnist-nn-sigmoid-{steps}"] = {
+                "final_loss": round(res.final_loss, 5), "best_adam": round(best.final_loss, 5),
+                "best_adam_lr": lr, "ratio_to_best_adam": round(ratio, 3),
+                "diverged": res.diverged, "runs": args.runs}
+        md.append("")
 
     md += [f"Wall time of section(s) {args.sections}: {time.time() - t0:.0f} s on "
            f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
