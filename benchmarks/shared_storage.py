@@ -60,7 +60,8 @@ def audit(study: optuna.Study, reports: list[dict], trials_wanted: int) -> list[
         ("no trial run by two processes", not overlap),
         ("every trial has its process", set().union(*mine) == set(numbers)),
         (f"all {len(reports)} processes contributed",
-         len({t.user_attrs.get("worker") for t in trials}) == len(reports)),
+         len({t.user_attrs["worker"] for t in trials if "worker" in t.user_attrs})
+         == len(reports)),
     ]
 
 
@@ -88,6 +89,9 @@ def main() -> int:
         for p in procs:
             out, err = p.communicate()
             if p.returncode != 0:
+                for other in procs:  # stop the rest before their run directories go away
+                    other.kill()
+                    other.wait()
                 print(f"an autol2o fit process failed:\n{err.strip()[-2000:]}", file=sys.stderr)
                 return 1
             reports.append(json.loads(out))

@@ -223,7 +223,8 @@ def test_fine_tune_saves_a_zoo_entry_in_the_run(tmp_path, capsys):
     assert isinstance(rule, RNNprop) and card["base"] == "rnnprop-rand"
     learned = next(f for f in r["finals"] if f["kind"] == "learned")
     assert learned["name"] == ("rnnprop-rand-ft" if ft["used"] else "rnnprop-rand")
-    assert ft["used"] == (ft["probe_val_loss_after"] <= ft["probe_val_loss_before"])
+    assert ft["used"] == (ft["best_iteration"] != 0
+                          and ft["probe_val_loss_after"] <= ft["probe_val_loss_before"])
     assert r["verdict"]["compute"]["learned"]["search_steps"] == ft["optimizee_steps"]
     # 2 unrolls of 20 steps x 4 instances + 3 validations (start, after 1, after 2) of 2 runs
     # x 20 steps + 2 probe runs of 5 steps (--steps 20 --probe 0.25)

@@ -131,10 +131,30 @@ def test_resume_after_a_kill_continues_exactly(tmp_path, monkeypatch):
         assert torch.equal(a, b)
     assert [h["meta_loss"] for h in res.history] == [h["meta_loss"] for h in ref.history]
     assert res.best_iteration == ref.best_iteration
+    assert res.card_fields["validation"] == ref.card_fields["validation"]  # incl. the initial
     # a checkpoint made with a different config is refused
     with pytest.raises(Exception, match="different config"):
         meta_train(_rule(), task, TrainConfig(horizon=12, unroll=3, iterations=9, batch=2),
                    checkpoint_dir=tmp_path, resume=True, progress=False)
+    # a checkpoint from before the schedule fields existed resumes under their defaults
+    ck_path = tmp_path / trainer_mod.CHECKPOINT
+    ck = torch.load(ck_path, weights_only=True)
+    for key in ("lr_schedule", "warmup"):
+        del ck["config"][key]
+    torch.save(ck, ck_path)
+    more = TrainConfig(**{**cfg.to_dict(), "iterations": 10, "curriculum": ()})
+    meta_train(_rule(), task, more, checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_cosine_run_cannot_be_lengthened_on_resume(tmp_path):
+    """The cosine schedule is laid out over ``iterations``: resuming with another count would
+    jump the learning rate, so it is refused (a constant-lr run may be extended)."""
+    task = build_task("quadratic")
+    cfg = TrainConfig(horizon=4, unroll=2, iterations=2, batch=1, lr_schedule="cosine")
+    meta_train(_rule(), task, cfg, checkpoint_dir=tmp_path, progress=False)
+    longer = TrainConfig(horizon=4, unroll=2, iterations=4, batch=1, lr_schedule="cosine")
+    with pytest.raises(UserError, match="cosine schedule is laid out over its iterations"):
+        meta_train(_rule(), task, longer, checkpoint_dir=tmp_path, resume=True, progress=False)
 
 
 class _Exploding(Task):

@@ -134,3 +134,11 @@ def test_missing_database_driver_is_one_clear_error_without_retries(monkeypatch)
     with pytest.raises(UserError, match=r"no database driver .* psycopg2-binary .* pymysql"):
         make_storage("postgresql://u@db/optuna")
     assert calls == ["postgresql://u@db/optuna"]  # not retried
+
+    def unreachable(url, **kwargs):
+        raise RuntimeError(f"could not connect to {url}")
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", unreachable)
+    with pytest.raises(UserError) as err:
+        make_storage("postgresql://u:hunter2@db/optuna", attempts=1)
+    assert "hunter2" not in str(err.value) and "postgresql://u:***@db/optuna" in str(err.value)

@@ -277,6 +277,15 @@ def test_cli_train_init_continues_from_an_entry(entry, tmp_path):
     assert card["init_from"]["sha256"] == json.loads((entry / CARD_FILE).read_text())["sha256"]
     assert f"--init {entry}" in card["command"]
 
+    # a run that started from --init must be resumed from the same entry
+    (out / CARD_FILE).unlink()
+    (out / WEIGHTS_FILE).unlink()
+    (out / "checkpoint").mkdir()
+    (out / "checkpoint" / "checkpoint.pt").write_bytes(b"")
+    (out / "checkpoint" / "init.json").write_text(json.dumps(card["init_from"]))
+    res = runner.invoke(app, [*base[:-2], "--rule", "rnnprop", "--resume", "--out", str(out)])
+    assert res.exit_code != 0 and "resume it with the same --init" in str(res.exception)
+
     res = runner.invoke(app, [*base, "--rule", "dm", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "holds a 'rnnprop' rule, not 'dm'" in str(res.exception)
     blob = bytearray((entry / WEIGHTS_FILE).read_bytes())

@@ -49,7 +49,8 @@ def fit(
     out: Annotated[str | None, typer.Option(
         help="Run directory (default runs/<timestamp>-<model>); must be new or empty.")] = None,
     resume: Annotated[str | None, typer.Option(
-        help="Continue an interrupted run directory.")] = None,
+        help="Continue an interrupted run directory (with --storage URL again if that URL "
+             "has a password: it is not saved in the run).")] = None,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print only the report JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,

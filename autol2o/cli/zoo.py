@@ -158,6 +158,8 @@ def train_cmd(
     if (out / CARD_FILE).exists() or (out / WEIGHTS_FILE).exists():
         if not (resume or overwrite):
             raise UserError(f"{out}: zoo entry already exists (use --resume or --overwrite)")
+    if lr_schedule not in ("constant", "cosine"):
+        raise UserError(f"--lr-schedule must be constant or cosine, got {lr_schedule!r}")
     if device not in ("auto", "cpu", "cuda"):
         raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
     if device == "auto":

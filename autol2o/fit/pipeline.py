@@ -51,6 +51,7 @@ from autol2o.tuning import (
     make_storage,
     n_done,
     open_study,
+    redact,
     run_study,
     steps_to_match,
     suggest,
@@ -220,8 +221,10 @@ class FitRun:
             self.state["status"] = "interrupted"
             self._save_state()
             self._write_report(status="interrupted")
+            again = (" --storage URL" if self.cfg.storage and redact(self.cfg.storage)
+                     != self.cfg.storage else "")  # the password is not saved in the run
             self.out.log(f"interrupted: partial report in {self.dir}; continue with "
-                         f"`autol2o fit --resume {self.dir}`", always=True)
+                         f"`autol2o fit --resume {self.dir}{again}`", always=True)
             raise
         report, model = self._write_report(status="complete")
         self.state["status"] = "complete"   # only once the report is on disk
@@ -324,9 +327,9 @@ class FitRun:
                           batch_size=cfg.batch_size)
         r_new = train_run(self.p, OptSpec("learned", ft_name, rule=res.rule), steps=probe,
                           seed=cfg.seed, batch_size=cfg.batch_size)
-        used = r_new.final_val_loss <= r_old.final_val_loss
-        n_val = sum("val_loss" in h for h in res.history) + (
-            res.card_fields["validation"]["initial_val_loss"] is not None)
+        # best_iteration 0: validation kept the starting weights, so there is nothing new to use
+        used = res.best_iteration != 0 and r_new.final_val_loss <= r_old.final_val_loss
+        n_val = sum("val_loss" in h for h in res.history) + 1  # + the starting weights' check
         self.timings["fine_tune"] = time.perf_counter() - t0
         ph["fine_tune"] = {
             "name": ft_name, "path": str(path), "iterations": cfg.fine_tune,
@@ -334,6 +337,7 @@ class FitRun:
             "optimizee_steps": cfg.fine_tune * tc.unroll * tc.batch
             + n_val * tc.val_runs * tc.horizon + 2 * probe,
             "diverged_runs": res.diverged, "best_val": res.best_val,
+            "best_iteration": res.best_iteration,
             "probe_val_loss_before": _num(r_old.final_val_loss),
             "probe_val_loss_after": _num(r_new.final_val_loss), "used": used,
             "wall_time": self.timings["fine_tune"],
@@ -668,7 +672,7 @@ def _params(p: dict[str, Any]) -> str:
 
 def _redact(url: str) -> str:
     """Hide a password in an RDB URL before it goes into files."""
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+    return redact(url)
 
 
 def _redact_opt(url: str | None) -> str | None:

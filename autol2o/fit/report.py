@@ -11,12 +11,13 @@ so an interrupted run never leaves a half-written file.
                      data {source, format, task, n_train, n_val, input_shape, n_classes, classes,
                            standardized, split, notes}, plus the CLI's data/target arguments
     config           FitConfig fields (steps, batch_size, probe_fraction, trials, seeds,
-                     fine_tune, optimizer, baselines, device, storage, study, n_jobs, seed,
-                     eval_every, zoo) + probe_steps
+                     fine_tune, optimizer, baselines, device, storage (a password shown as
+                     ***), study, n_jobs, seed, eval_every, zoo) + probe_steps
     race             null | {skipped, picked, picked_path, probe_steps, steps,
                              entries: [{name, path, val_loss, val_acc, diverged, steps,
                                         wall_time, curve}]}
     fine_tune        null | {name, path, iterations, optimizee_steps, diverged_runs, best_val,
+                             best_iteration (0: the starting weights stayed best),
                              probe_val_loss_before, probe_val_loss_after, used, wall_time}
     tuning           {adam|sgd: {study, storage, n_trials, n_complete, n_pruned, n_failed,
                      n_diverged, best_params, best_value, compute {trials, steps, wall_time},

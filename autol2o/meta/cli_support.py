@@ -45,6 +45,7 @@ def train_to_zoo(rule_name: str, task_names: list[str], config: TrainConfig, out
                      "meta_iterations": (start_card.get("training") or {}).get("meta_iterations")}
     tasks = [build_task(name, data_dir, device) for name in task_names]
     ckpt = out / "checkpoint"
+    _check_init(ckpt, init_from, resume)
     result = meta_train(rule, tasks, config, device=device, checkpoint_dir=ckpt, resume=resume,
                         progress=True)
     rank, _ = _world()
@@ -61,3 +62,25 @@ def train_to_zoo(rule_name: str, task_names: list[str], config: TrainConfig, out
     save_entry(result.rule.cpu(), out, card, overwrite=True)
     shutil.rmtree(ckpt, ignore_errors=True)
     return out
+
+
+def _check_init(ckpt: Path, init_from: dict | None, resume: bool) -> None:
+    """Record which weights a run started from next to its checkpoint; a resume must start from
+    the same ones (same ``--init`` entry, by sha256, or none)."""
+    import json
+
+    record = ckpt / "init.json"
+    if resume and (ckpt / "checkpoint.pt").is_file():
+        was = json.loads(record.read_text()) if record.is_file() else None
+        was_sha = (was or {}).get("sha256")
+        now_sha = (init_from or {}).get("sha256")
+        if was_sha != now_sha:
+            started = f"--init {was['entry']} ({was_sha[:12]})" if was else "random weights"
+            raise UserError(f"{ckpt}: this run started from {started}; resume it with the same "
+                            "--init (or none)")
+        return
+    ckpt.mkdir(parents=True, exist_ok=True)
+    if init_from is not None:
+        record.write_text(json.dumps(init_from))
+    elif record.exists():
+        record.unlink()

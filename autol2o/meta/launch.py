@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = args.tasks or ["mlp-digits"]
     try:
         if args.dump_weights is not None:
+            if args.init:
+                p.error("--init is not supported with --dump-weights")
             from ..optimizers.base import build_rule
             from .tasks import build_task
 

@@ -18,7 +18,8 @@ dropped, as in both papers).  Tricks (Lv et al. 2017):
 
 Determinism: every random draw comes from a generator seeded from ``config.seed`` (the run
 sampler) or from per-instance seeds, all saved in checkpoints, so ``resume=True`` after a kill
-continues bit-for-bit like an uninterrupted run.  Under ``torchrun`` each rank runs its own
+continues bit-for-bit like an uninterrupted run (``iterations`` may be raised on resume, except
+under a cosine schedule, whose shape depends on it).  Under ``torchrun`` each rank runs its own
 instances (sampler seed offset by rank) and meta-gradients are averaged with ``all_reduce``.
 """
 
@@ -73,7 +74,9 @@ class TrainConfig:
     seed: int = 0
     validate_every: int = 0       #: meta-iterations between validations (0: never)
     val_runs: int = 8
-    val_steps: int | None = None  #: optimizee steps of a validation run (default: horizon)
+    #: optimizee steps of a validation run (default: the longest horizon, so that every
+    #: validation of a curriculum run, and of the starting weights, is the same measurement)
+    val_steps: int | None = None
     val_seed: int = 10_000        #: same validation instances every time
     checkpoint_every: int = 0     #: meta-iterations between checkpoints (0: only at the end)
 
@@ -99,6 +102,14 @@ class TrainConfig:
                 h = hor
         return h
 
+    @property
+    def max_horizon(self) -> int:
+        return max([self.horizon] + [h for _, h in self.curriculum])
+
+    @property
+    def validation_steps(self) -> int:
+        return self.val_steps or self.max_horizon
+
     def lr_at(self, iteration: int) -> float:
         """Meta learning rate for the update made at ``iteration`` (0-based)."""
         lr = self.meta_lr
@@ -116,7 +127,8 @@ class TrainConfig:
 
 @dataclass
 class MetaTrainResult:
-    rule: LearnedRule             #: best meta-weights (by validation; final ones without it)
+    rule: LearnedRule             #: best meta-weights by validation, the starting ones included
+                                  #: (the final ones without validation)
     history: list[dict[str, Any]]
     diverged: int                 #: runs dropped because the loss or meta-gradient was not finite
     wall_time: float
@@ -270,10 +282,8 @@ def _sync_grads(rule: LearnedRule, ok: bool, world: int) -> bool:
     return True
 
 
-def _validate(rule: LearnedRule, val_tasks: list[Task], config: TrainConfig,
-              horizon: int) -> float:
-    steps = config.val_steps or horizon
-    losses = [evaluate(rule, t, steps, config.val_runs, config.val_seed).final_loss
+def _validate(rule: LearnedRule, val_tasks: list[Task], config: TrainConfig) -> float:
+    losses = [evaluate(rule, t, config.validation_steps, config.val_runs, config.val_seed).final_loss
               for t in val_tasks]
     return float(np.mean(losses))
 
@@ -285,7 +295,9 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
     """Meta-train ``rule`` in place on ``tasks`` (see module docstring).
 
     Returns the best meta-weights by validation (``val_tasks``, default: the training tasks on
-    held-out instance seeds) when ``config.validate_every > 0``, else the final ones.  With
+    held-out instance seeds, every validation ``config.validation_steps`` long) when
+    ``config.validate_every > 0``, else the final ones.  The starting weights are validated too
+    and are a candidate (iteration 0), so a warm start never comes back worse on validation.  With
     ``checkpoint_dir``, a checkpoint is written every ``config.checkpoint_every`` iterations and at
     the end (rank 0 only); ``resume=True`` continues from it exactly.
     """
@@ -314,8 +326,14 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
             ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is a user-facing error
             raise UserError(f"{ckpt_path}: cannot load checkpoint ({exc})") from None
-        saved = {k: v for k, v in ck["config"].items() if k not in _RESUMABLE}
+        # checkpoints from before a config field existed hold its default
+        saved_cfg = {**TrainConfig().to_dict(), **ck["config"]}
+        saved = {k: v for k, v in saved_cfg.items() if k not in _RESUMABLE}
         now = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}
+        if config.lr_schedule == "cosine" and saved_cfg["iterations"] != config.iterations:
+            raise UserError(f"{ckpt_path}: a cosine schedule is laid out over its iterations "
+                            f"({saved_cfg['iterations']}); resuming with {config.iterations} "
+                            "would jump the learning rate; use a new checkpoint directory")
         if saved != now:
             diff = sorted(k for k in now if saved.get(k) != now[k])
             raise UserError(f"{ckpt_path}: checkpoint was made with a different config "
@@ -355,12 +373,13 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
     if config.validate_every and iteration == 0 and best["val"] is None:
         # the starting weights are a candidate too: a warm start (``zoo train --init``) must
         # never come back worse than it went in
-        val = _validate(rule, val_tasks, config, config.horizon_at(0))
+        val = _validate(rule, val_tasks, config)
         if math.isfinite(val):
             best = {"val": val, "iteration": 0, "initial": val,
                     "weights": {k: v.detach().cpu().clone() for k, v in rule.state_dict().items()}}
     bar = _progress(progress and rank == 0, config.iterations, iteration)
-    val_txt = "-" if best["val"] is None else f"{best['val']:.4g} (initial)"
+    val_txt = "-" if best["val"] is None else (
+        f"{best['val']:.4g}" + (" (initial)" if best["iteration"] == 0 else ""))
     try:
         while iteration < config.iterations:
             if run is None or run.done:
@@ -391,7 +410,7 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
                       "horizon": config.horizon_at(iteration - 1), "diverged": diverged}
             if config.validate_every and (iteration % config.validate_every == 0
                                           or iteration == config.iterations):
-                val = _validate(rule, val_tasks, config, config.horizon_at(iteration - 1))
+                val = _validate(rule, val_tasks, config)
                 record["val_loss"] = val
                 if math.isfinite(val) and (best["val"] is None or val < best["val"]):
                     best = {"val": val, "iteration": iteration, "initial": best.get("initial"),
@@ -424,14 +443,14 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
         "training": {
             "horizon": config.horizon, "unroll": config.unroll,
             "curriculum": [list(p) for p in config.curriculum],
-            "max_horizon": max([config.horizon] + [h for _, h in config.curriculum]),
+            "max_horizon": config.max_horizon,
             "meta_iterations": iteration, "meta_loss": config.meta_loss,
             "meta_optimizer": "adam", "meta_lr": config.meta_lr,
             "lr_schedule": config.lr_schedule, "warmup": config.warmup, "grad_clip": config.grad_clip,
             "batch": config.batch, "world_size": world, "seed": config.seed,
             "diverged": diverged, "config": config.to_dict()},
         "validation": {"tasks": [t.spec for t in val_tasks], "every": config.validate_every,
-                       "runs": config.val_runs, "steps": config.val_steps or config.horizon,
+                       "runs": config.val_runs, "steps": config.validation_steps,
                        "seed": config.val_seed, "best_val_loss": best["val"],
                        "best_iteration": best["iteration"],
                        "initial_val_loss": best.get("initial"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +50,11 @@ def suggest(trial: optuna.Trial, kind: str) -> dict[str, Any]:
     raise ValueError(f"unknown baseline {kind!r}")
 
 
+def redact(url: str) -> str:
+    """``url`` with the password of a database URL replaced by ``***`` (for logs and files)."""
+    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+
+
 def make_storage(url: str, *, attempts: int = 6) -> optuna.storages.BaseStorage:
     """Any Optuna storage from a URL.
 
@@ -62,8 +68,9 @@ def make_storage(url: str, *, attempts: int = 6) -> optuna.storages.BaseStorage:
     elif url.endswith((".log", ".journal")) and "://" not in url:
         path = url
     else:
+        shown = redact(url)
         if "://" not in url:
-            raise UserError(f"{url}: not an Optuna storage URL (expected sqlite:///file.db, "
+            raise UserError(f"{shown}: not an Optuna storage URL (expected sqlite:///file.db, "
                             "postgresql://..., mysql://... or journal:///file.log)")
         # sqlite: wait for a lock held by another process instead of failing at once
         kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
@@ -71,14 +78,15 @@ def make_storage(url: str, *, attempts: int = 6) -> optuna.storages.BaseStorage:
             try:
                 return optuna.storages.RDBStorage(url, engine_kwargs=kwargs)
             except ImportError as e:  # no database driver: retrying cannot help
-                raise UserError(f"{url}: cannot open Optuna storage: no database driver for it "
-                                f"({e}); install one and name it in the URL, e.g. "
+                raise UserError(f"{shown}: cannot open Optuna storage: no database driver for it "
+                                f"({e.__cause__ or e}); install one and name it in the URL, e.g. "
                                 "pip install psycopg2-binary with postgresql+psycopg2://..., "
                                 "pip install pymysql with mysql+pymysql://...") from e
             except Exception as e:  # schema-creation race, unreachable server, bad URL
                 if attempt == attempts - 1:
-                    raise UserError(f"{url}: cannot open Optuna storage ({type(e).__name__}: "
-                                    f"{' '.join(str(e).split())[:200]})") from e
+                    detail = redact(" ".join(str(e).split()))[:200]
+                    raise UserError(f"{shown}: cannot open Optuna storage ({type(e).__name__}: "
+                                    f"{detail})") from e
                 time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
     from optuna.storages.journal import JournalFileBackend
 

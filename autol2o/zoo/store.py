@@ -54,6 +54,8 @@ CARD_FIELDS = (
     "hardware",         # where it was trained
     "evaluation",       # {"headline": "...", ...} filled by benchmarks/zoo_eval.py
     "command",          # the command line that reproduces the entry
+    "init_from",        # {"entry", "sha256", "meta_iterations"} when training started from
+                        # another entry's weights (``zoo train --init``), else absent
     "created",          # (auto) UTC timestamp
     "autol2o_version",  # (auto)
 )
