@@ -66,6 +66,13 @@ def tune_adam(task, steps: int, runs: int, grid: list[float], log) -> tuple[floa
     return lr, res, rows
 
 
+def vs_adam(res, best, lr: float) -> dict:
+    """A learned optimizer's card entry for one task: its loss against the best Adam's."""
+    return {"final_loss": round(res.final_loss, 5), "best_adam": round(best.final_loss, 5),
+            "best_adam_lr": lr, "ratio_to_best_adam": round(res.final_loss / best.final_loss, 3),
+            "diverged": res.diverged, "runs": len(res.final_losses)}
+
+
 def fmt(res) -> str:
     return f"{res.final_loss:.4f} ± {res.final_loss_std:.4f}"
 
@@ -120,10 +127,7 @@ def main() -> None:
             ratio = res.final_loss / best.final_loss
             md.append(f"| {name} | {fmt(res)} | {ratio:.2f} | {res.diverged} |")
             log(f"  {name}: {res.final_loss:.4f} ({ratio:.2f}x best Adam)")
-            headlines.setdefault(name, {})["mnist-nn-sigmoid-100"] = {
-                "final_loss": round(res.final_loss, 5), "best_adam": round(best.final_loss, 5),
-                "best_adam_lr": lr, "ratio_to_best_adam": round(ratio, 3),
-                "diverged": res.diverged, "runs": args.runs}
+            headlines.setdefault(name, {})["mnist-nn-sigmoid-100"] = vs_adam(res, best, lr)
         md.append("")
 
     if 2 in sections:
@@ -142,10 +146,7 @@ def main() -> None:
             ratio = res.final_loss / best.final_loss
             md.append(f"| {name} | {fmt(res)} | {ratio:.2f} | {res.diverged} |")
             log(f"  {name}: {res.final_loss:.4f} ({ratio:.2f}x, diverged {res.diverged})")
-            headlines.setdefault(name, {})[f"mnist-nn-sigmoid-{steps}"] = {
-                "final_loss": round(res.final_loss, 5), "best_adam": round(best.final_loss, 5),
-                "best_adam_lr": lr, "ratio_to_best_adam": round(ratio, 3),
-                "diverged": res.diverged, "runs": args.runs}
+            headlines.setdefault(name, {})[f"mnist-nn-sigmoid-{steps}"] = vs_adam(res, best, lr)
         md.append("")
 
     if 3 in sections and "rnnprop-mix" in entries:
@@ -201,10 +202,7 @@ def main() -> None:
             md.append(f"| {name} | {fmt(res)} | {float(res.final_losses.max()):.4f} | "
                       f"{ratio:.2f} | {res.diverged} |")
             log(f"  {name}: {res.final_loss:.4f} ({ratio:.2f}x, diverged {res.diverged})")
-            headlines.setdefault(name, {})[f"mnist-nn-sigmoid-{steps}"] = {
-                "final_loss": round(res.final_loss, 5), "best_adam": round(best.final_loss, 5),
-                "best_adam_lr": lr, "ratio_to_best_adam": round(ratio, 3),
-                "diverged": res.diverged, "runs": args.runs}
+            headlines.setdefault(name, {})[f"mnist-nn-sigmoid-{steps}"] = vs_adam(res, best, lr)
         md.append("")
 
     md += [f"Wall time of section(s) {args.sections}: {time.time() - t0:.0f} s on "
