@@ -211,3 +211,15 @@ def test_train_to_zoo_writes_a_loadable_entry_with_a_full_card(tmp_path):
     assert card["training"]["horizon"] == 6 and card["training"]["meta_iterations"] == 4
     assert card["training"]["diverged"] == 0 and card["validation"]["best_val_loss"] > 0
     assert card["hardware"]["cpu_count"] >= 1 and card["wall_time_s"] >= 0
+
+
+def test_progress_without_a_terminal_prints_plain_lines(capsys):
+    """Under ``nohup ... > log`` (stderr not a terminal) progress is one plain line every few
+    iterations instead of a live bar that would only appear at the end."""
+    meta_train(_rule(), build_task("quadratic"),
+               TrainConfig(horizon=4, unroll=2, iterations=40, batch=1, validate_every=20,
+                           val_runs=1), progress=True)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("meta-train")]
+    # every min(50, iterations // 20) = 2 iterations
+    assert [ln.split()[1] for ln in lines] == [f"{i}/40" for i in range(2, 41, 2)]
+    assert "val" in lines[-1] and "(best" in lines[-1]

@@ -471,10 +471,33 @@ def _unroll(run: _Run, rule: LearnedRule, steps: int, meta_loss: str) -> Tensor:
     return run.unroll(rule, steps, meta_loss)
 
 
+class _LogLines:
+    """Progress for a non-terminal stderr (``nohup ... > log``), where a live bar would print
+    nothing until the end: one plain line every ``every`` iterations and at the last one."""
+
+    def __init__(self, total: int, done: int, every: int):
+        self.total, self.done, self.every = total, done, every
+        self.t0 = time.perf_counter()
+
+    def update(self, _task: int, advance: int, meta: str, val: str) -> None:
+        self.done += advance
+        if self.done % self.every == 0 or self.done == self.total:
+            import sys
+
+            print(f"meta-train {self.done}/{self.total} meta-loss {meta} val {val} "
+                  f"{time.perf_counter() - self.t0:.0f}s", file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        pass
+
+
 def _progress(enabled: bool, total: int, done: int):
     if not enabled:
         return None
     from rich.console import Console
+
+    if not Console(stderr=True).is_terminal:
+        return _LogLines(total, done, every=max(1, min(50, total // 20))), 0
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
