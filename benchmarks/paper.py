@@ -209,8 +209,9 @@ def write_report(out: Path, selected, tables, runs, tune_runs, mode, wall) -> No
              f"Authors' protocol: same inits and minibatches for every contender; loss = mean over the "
              f"N minibatches of the loss at the final parameters; {runs} runs (mean ± std). Baselines "
              f"tuned over the sqrt(2) grid 2^-12..2^0 on separate tuning seeds ({tune_runs} runs per "
-             f"grid point). Learned optimizers are not tuned. Wall time {wall / 60:.1f} min on "
-             f"{os.cpu_count()} CPU cores, torch {torch.__version__}.", ""]
+             f"grid point). Learned optimizers are not tuned. Wall time {wall / 60:.1f} min with "
+             f"{torch.get_num_threads()} torch thread(s) on a {os.cpu_count()}-core machine, "
+             f"torch {torch.__version__} (cached results count as 0).", ""]
     wins = total = 0
     for exp in selected:
         if exp.name not in tables:
