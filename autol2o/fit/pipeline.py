@@ -472,7 +472,7 @@ class FitRun:
             b = best_trial(study)
             trials = [trial_record(t) for t in study.get_trials(deepcopy=False)]
             tuning[kind] = {
-                "study": study.study_name, "storage": _redact(self.storage_url),
+                "study": study.study_name, "storage": redact(self.storage_url),
                 "n_trials": len(trials),
                 "n_complete": sum(t["state"] == "COMPLETE" for t in trials),
                 "n_pruned": sum(t["state"] == "PRUNED" for t in trials),
@@ -512,9 +512,9 @@ class FitRun:
             "artifacts": {"report_json": "report.json", "report_md": "report.md",
                           "metrics": "metrics.csv", "curves": "curves.png" if self.finals else None,
                           "weights": None,
-                          "optuna_storage": _redact(self.storage_url),
+                          "optuna_storage": redact(self.storage_url),
                           "optuna_db": "optuna.db" if cfg.storage is None else None,
-                          "dashboard_command": _redact(dash)},
+                          "dashboard_command": redact(dash)},
         }
 
     def _final_row(self, name: str, runs: list[RunResult]) -> dict[str, Any]:
@@ -670,13 +670,8 @@ def _params(p: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
 
 
-def _redact(url: str) -> str:
-    """Hide a password in an RDB URL before it goes into files."""
-    return redact(url)
-
-
 def _redact_opt(url: str | None) -> str | None:
-    return None if url is None else _redact(url)
+    return None if url is None else redact(url)
 
 
 def restore_storage(saved: FitConfig, given: str | None, run_dir: Path) -> FitConfig:
@@ -684,7 +679,7 @@ def restore_storage(saved: FitConfig, given: str | None, run_dir: Path) -> FitCo
     saved) taken from ``given``, the URL passed again with ``--storage``/``storage=``."""
     if saved.storage is None or ":***@" not in saved.storage:
         return saved
-    if given is None or _redact(given) != saved.storage:
+    if given is None or redact(given) != saved.storage:
         raise UserError(f"{run_dir}: this run's Optuna storage {saved.storage} has a password, "
                         "which is not saved in the run; pass the same URL again with --storage")
     saved.storage = given
