@@ -109,3 +109,91 @@ def test_bad_idx_and_builtins(tmp_path):
     d = load_data(None)
     assert (d.n_classes, len(d.x_train) + len(d.x_val)) == (10, 1797)
     assert load_data("diabetes").task == "regression"
+
+
+def _csv_lines(path, lines: list[str], **kw) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n", **kw)
+
+
+def test_csv_targets_that_are_not_finite_are_refused(tmp_path):
+    # the CSV targets are strings until _labels converts them: "nan"/"inf" must still be caught
+    x, y = blobs(20, d=2)
+    for bad in ("nan", "inf"):
+        write_csv(tmp_path / bad / "train.csv", x, [bad if i == 3 else v for i, v in enumerate(y)])
+        with pytest.raises(UserError, match=r"train.csv: targets contain NaN or inf \(1 value\)"):
+            load_data(tmp_path / bad)
+    write_csv(tmp_path / "v" / "train.csv", x, y)
+    write_csv(tmp_path / "v" / "val.csv", x, [1.5] * 19 + ["nan"])
+    with pytest.raises(UserError, match="validation targets contain NaN or inf"):
+        load_data(tmp_path / "v")
+
+
+def test_csv_header_details(tmp_path):
+    x, y = blobs(30, d=2)
+    rows = [f"{a},{b},{t}" for (a, b), t in zip(x, y)]
+    # a spreadsheet's byte-order mark must not hide the first column's name
+    _csv_lines(tmp_path / "bom" / "train.csv", ["target,a,b"] + [f"{t},{a},{b}" for (a, b), t
+                                                                  in zip(x, y)], encoding="utf-8-sig")
+    d = load_data(tmp_path / "bom")
+    assert d.task == "classification" and d.n_classes == 3 and d.x_train.shape[1] == 2
+    # semicolon-separated files are read too
+    _csv_lines(tmp_path / "semi" / "train.csv", ["a;b;label"] + [r.replace(",", ";") for r in rows])
+    assert load_data(tmp_path / "semi").n_classes == 3
+    _csv_lines(tmp_path / "dup" / "train.csv", ["a,label,label"] + rows)
+    with pytest.raises(UserError, match="train.csv: duplicate column name 'label'"):
+        load_data(tmp_path / "dup")
+    _csv_lines(tmp_path / "empty" / "train.csv", ["a,b,label"] + rows[:5] + ["1,2,"])
+    with pytest.raises(UserError, match="train.csv: line 7: missing target value"):
+        load_data(tmp_path / "empty")
+
+
+def test_val_csv_columns_are_matched_by_name(tmp_path):
+    x, y = blobs(40, d=3)
+    write_csv(tmp_path / "d" / "train.csv", x, y)
+    # the same rows with the feature columns in reverse order
+    _csv_lines(tmp_path / "d" / "val.csv", ["label,f2,f1,f0"] + [
+        f"{t},{c:.6f},{b:.6f},{a:.6f}" for (a, b, c), t in zip(x, y)])
+    d = load_data(tmp_path / "d")
+    assert torch.allclose(d.x_val, d.x_train, atol=1e-5)  # standardised with the same stats
+    _csv_lines(tmp_path / "d" / "val.csv", ["label,f2,f1,zz"] + [f"{t},1,2,3" for t in y])
+    with pytest.raises(UserError, match="val.csv: feature columns differ from train.csv's"):
+        load_data(tmp_path / "d")
+    # a directory with only val.csv must not train and validate on the same rows
+    (tmp_path / "d" / "train.csv").unlink()
+    with pytest.raises(UserError, match=r"no training CSV \(train.csv\) beside val.csv"):
+        load_data(tmp_path / "d")
+
+
+def test_gappy_integer_labels_become_contiguous_classes(tmp_path):
+    x, _ = blobs(40, d=2)
+    write_csv(tmp_path / "y.csv", x, [1990, 2000, 2010, 10000] * 10)
+    d = load_data(tmp_path / "y.csv")
+    assert d.n_classes == 4 and d.classes == [1990, 2000, 2010, 10000]  # numeric, not str, order
+    assert sorted(set(d.y_train.tolist()) | set(d.y_val.tolist())) == [0, 1, 2, 3]
+    write_csv(tmp_path / "c.csv", x, [0, 1, 2, 3] * 10)   # already 0..K-1: kept as is
+    d = load_data(tmp_path / "c.csv")
+    assert d.classes is None and d.n_classes == 4
+
+
+def test_detection_priority_and_odd_arrays(tmp_path):
+    x, y = blobs(30, d=2)
+    (tmp_path / "n").mkdir()
+    np.savez(tmp_path / "n" / "data.npz", X=x, y=y)
+    write_csv(tmp_path / "n" / "meta.csv", x, y)          # a stray CSV beside the real data
+    d = load_data(tmp_path / "n")
+    assert d.format == "npz" and d.notes == ["ignored: meta.csv"]
+    with pytest.raises(UserError, match="--target applies to CSV data only"):
+        load_data(tmp_path / "n", target="label")
+    write_images(tmp_path / "i", classes=("a", "b"))
+    (tmp_path / "i" / "empty").mkdir()
+    write_csv(tmp_path / "i" / "labels.csv", x, y)
+    d = load_data(tmp_path / "i")
+    assert d.format == "images" and d.classes == ["a", "b"]
+    assert "ignored sub-folders without images: empty" in d.notes
+    np.savez(tmp_path / "s.npz", X=np.float32(1), y=np.int64(0))
+    with pytest.raises(UserError, match="s.npz: X is a scalar"):
+        load_data(tmp_path / "s.npz")
+    np.savez(tmp_path / "one.npz", X=x[:, 0], y=y)        # 1-D X: one feature per example
+    d = load_data(tmp_path / "one.npz")
+    assert d.x_train.shape[1:] == (1,) and d.standardized

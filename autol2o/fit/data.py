@@ -4,8 +4,14 @@ Everything ends up as one :class:`FitData`: float32 inputs, targets (int64 class
 classification, float32 for regression), a train/validation split and a description of what was
 found.  Rules:
 
+* formats are tried from the most specific: ``train.csv``, ``.npz``, ``X.npy``/``y.npy``, MNIST
+  IDX files, class sub-folders of images, then a lone CSV of any name (other CSVs are noted as
+  ignored).  CSVs need a header; ``,``, ``;`` or tab separated; a byte-order mark is dropped;
+  ``val.csv`` columns are matched to ``train.csv``'s by name;
 * the task is ``"classification"`` when every target is an integer, else ``"regression"``
-  (``MODEL.py`` may override it with ``task = ...``);
+  (``MODEL.py`` may override it with ``task = ...``).  Class labels become indices ``0..K-1``:
+  labels that already are ``0..K-1`` are kept, anything else (names, negative or gappy numbers
+  such as years) is mapped in sorted order and the report's ``classes`` lists the originals;
 * without a validation split the data are split deterministically, 80/20, by
   :func:`sklearn.model_selection.train_test_split` with ``random_state=seed`` (stratified for
   classification when every class has at least two examples);
@@ -95,27 +101,43 @@ def load_data(path: str | Path | None, *, target: str | None = None, seed: int =
     if not files:
         raise UserError(f"{p}: data directory is empty")
     names = {f.name for f in files}
-    if "train.csv" in names or any(f.suffix == ".csv" for f in files):
-        return _load_csv_dir(p, files, target, seed, task, val_fraction)
-    if any(f.suffix == ".npz" for f in files):
-        return _load_npz_dir(p, files, seed, task, val_fraction)
-    if any(f.suffix == ".npy" for f in files):
-        return _load_npy_dir(p, names, seed, task, val_fraction)
-    if any("idx" in f.name and (f.name.endswith(".gz") or "ubyte" in f.name) for f in files):
-        return _load_idx_dir(p, files, seed, task, val_fraction)
-    subdirs = [f for f in files if f.is_dir()]
-    if subdirs:
-        return _load_image_folder(p, subdirs, seed, task, val_fraction)
-    raise UserError(f"{p}: unknown data format (expected train.csv, .npz, X.npy/y.npy, "
-                    "MNIST idx .gz files or one image sub-folder per class)")
+    # Most specific format first, so a stray metadata CSV beside an NPZ or an image folder does
+    # not hijack detection; a lone CSV of another name comes last.
+    if "train.csv" in names:
+        data = _load_csv_dir(p, files, target, seed, task, val_fraction)
+    elif any(f.suffix == ".npz" for f in files):
+        data = _load_npz_dir(p, files, seed, task, val_fraction)
+    elif any(f.suffix == ".npy" for f in files):
+        data = _load_npy_dir(p, names, seed, task, val_fraction)
+    elif any("idx" in f.name and (f.name.endswith(".gz") or "ubyte" in f.name) for f in files):
+        data = _load_idx_dir(p, files, seed, task, val_fraction)
+    elif any(d.is_dir() and _images_in(d) for d in files):
+        data = _load_image_folder(p, [f for f in files if f.is_dir()], seed, task, val_fraction)
+    elif any(f.suffix == ".csv" for f in files):
+        data = _load_csv_dir(p, files, target, seed, task, val_fraction)
+    else:
+        raise UserError(f"{p}: unknown data format (expected train.csv, .npz, X.npy/y.npy, "
+                        "MNIST idx .gz files or one image sub-folder per class)")
+    if target is not None and data.format != "csv":
+        raise UserError(f"{p}: --target applies to CSV data only ({data.format} data found)")
+    if data.format != "csv":
+        ignored = sorted(f.name for f in files if f.suffix == ".csv")
+        if ignored:
+            data.notes.append(f"ignored: {', '.join(ignored)}")
+    return data
+
+
+def _images_in(d: Path) -> bool:
+    return any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir())
 
 
 def _load_file(p: Path, target, seed, task, val_fraction) -> FitData:
     if p.suffix == ".csv":
-        x, y, names = _read_csv(p, target)
-        return _finish(x, y, None, None, p, "csv", seed, task, val_fraction, tabular=True,
-                       label_names=names)
+        x, y, _ = _read_csv(p, target)
+        return _finish(x, y, None, None, p, "csv", seed, task, val_fraction, tabular=True)
     if p.suffix == ".npz":
+        if target is not None:
+            raise UserError(f"{p}: --target applies to CSV data only")
         arrays = _read_npz(p)
         x, y = _xy(arrays, p)
         xv, yv = _xy(arrays, p, suffix="_val") if "X_val" in arrays else (None, None)
@@ -127,13 +149,19 @@ def _load_file(p: Path, target, seed, task, val_fraction) -> FitData:
 
 
 # -- formats ----------------------------------------------------------------------------------
-def _read_csv(p: Path, target: str | None) -> tuple[np.ndarray, np.ndarray, list[str] | None]:
-    """Parse a CSV with a header row. Returns features, raw target strings, None."""
+def _read_csv(p: Path, target: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Parse a CSV with a header row. Returns features, raw target strings, feature names.
+
+    ``utf-8-sig`` drops the byte-order mark spreadsheet programs write, which would otherwise
+    hide the first column's name; ``;`` and tab separators are recognised from the header."""
     try:
-        with open(p, newline="") as fh:
-            rows = [r for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+        with open(p, newline="", encoding="utf-8-sig") as fh:
+            text = fh.read()
     except UnicodeDecodeError:
         raise UserError(f"{p}: not a text CSV file") from None
+    first = text.split("\n", 1)[0]
+    delim = next((d for d in (";", "\t") if "," not in first and d in first), ",")
+    rows = [r for r in csv.reader(text.splitlines(), delimiter=delim) if r and any(c.strip() for c in r)]
     if not rows:
         raise UserError(f"{p}: CSV file is empty")
     header = [h.strip() for h in rows[0]]
@@ -141,7 +169,11 @@ def _read_csv(p: Path, target: str | None) -> tuple[np.ndarray, np.ndarray, list
     if not body:
         raise UserError(f"{p}: CSV file has a header but no rows")
     if len(header) < 2:
-        raise UserError(f"{p}: CSV needs at least one feature column and a target column")
+        raise UserError(f"{p}: CSV needs at least one feature column and a target column "
+                        "(separated by ',', ';' or tabs)")
+    dup = next((h for i, h in enumerate(header) if h in header[:i]), None)
+    if dup is not None:
+        raise UserError(f"{p}: duplicate column name {dup!r}")
     if target is not None:
         if target not in header:
             raise UserError(f"{p}: target column {target!r} not found (columns: "
@@ -152,6 +184,8 @@ def _read_csv(p: Path, target: str | None) -> tuple[np.ndarray, np.ndarray, list
     for i, r in enumerate(body, start=2):
         if len(r) != len(header):
             raise UserError(f"{p}: line {i} has {len(r)} fields, the header has {len(header)}")
+        if not r[t].strip():
+            raise UserError(f"{p}: line {i}: missing target value (column {header[t]!r})")
     feats = [j for j in range(len(header)) if j != t]
     x = np.empty((len(body), len(feats)), dtype=np.float64)
     for i, r in enumerate(body):
@@ -162,7 +196,7 @@ def _read_csv(p: Path, target: str | None) -> tuple[np.ndarray, np.ndarray, list
                 raise UserError(f"{p}: non-numeric value {r[j]!r} in column {header[j]!r} "
                                 f"(line {i + 2})") from None
     y = np.array([r[t].strip() for r in body], dtype=object)
-    return x, y, None
+    return x, y, [header[j] for j in feats]
 
 
 def _read_npz(p: Path) -> dict[str, np.ndarray]:
@@ -197,18 +231,24 @@ def _load_csv_dir(p, files, target, seed, task, val_fraction) -> FitData:
     names = {f.name: f for f in files}
     train = names.get("train.csv")
     if train is None:
-        csvs = [f for f in files if f.suffix == ".csv"]
+        # val.csv and test.csv are never training data: training on them would validate on
+        # the very rows the model was fitted to
+        csvs = [f for f in files if f.suffix == ".csv" and f.name not in ("val.csv", "test.csv")]
+        if not csvs:
+            raise UserError(f"{p}: no training CSV (train.csv) beside "
+                            f"{', '.join(f.name for f in files if f.suffix == '.csv')}")
         if len(csvs) != 1:
             raise UserError(f"{p}: several CSV files but no train.csv "
                             f"({', '.join(f.name for f in csvs)})")
         train = csvs[0]
-    x, y, _ = _read_csv(train, target)
+    x, y, cols = _read_csv(train, target)
     xv = yv = None
     if "val.csv" in names:
-        xv, yv, _ = _read_csv(names["val.csv"], target)
-        if xv.shape[1] != x.shape[1]:
-            raise UserError(f"{names['val.csv']}: {xv.shape[1]} feature columns, "
-                            f"{train.name} has {x.shape[1]}")
+        xv, yv, vcols = _read_csv(names["val.csv"], target)
+        if sorted(vcols) != sorted(cols):
+            raise UserError(f"{names['val.csv']}: feature columns differ from {train.name}'s "
+                            f"({', '.join(sorted(set(vcols) ^ set(cols))) or 'count'})")
+        xv = xv[:, [vcols.index(c) for c in cols]]  # match by name, not position
     data = _finish(x, y, xv, yv, train, "csv", seed, task, val_fraction, tabular=True)
     if "test.csv" in names:
         data.notes.append("test.csv found: not used (selection uses the validation split only)")
@@ -269,7 +309,8 @@ def _load_idx_dir(p, files, seed, task, val_fraction) -> FitData:
 def _load_image_folder(p, subdirs, seed, task, val_fraction) -> FitData:
     from PIL import Image, UnidentifiedImageError
 
-    classes = sorted(d.name for d in subdirs)
+    empty = sorted(d.name for d in subdirs if not _images_in(d))
+    classes = sorted(d.name for d in subdirs if d.name not in empty)
     items = []
     for ci, c in enumerate(classes):
         imgs = sorted(f for f in (p / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
@@ -298,6 +339,8 @@ def _load_image_folder(p, subdirs, seed, task, val_fraction) -> FitData:
     data = _finish(x, y, None, None, p, "images", seed, task or "classification", val_fraction,
                    tabular=False)
     data.classes, data.n_classes = classes, len(classes)
+    if empty:
+        data.notes.append(f"ignored sub-folders without images: {', '.join(empty)}")
     return data
 
 
@@ -357,6 +400,9 @@ def _is_int(s: str) -> bool:
 
 
 def _check(x: np.ndarray, y: np.ndarray, where) -> None:
+    if x.ndim == 0 or y.ndim == 0:
+        raise UserError(f"{where}: {'X' if x.ndim == 0 else 'y'} is a scalar; expected one row "
+                        "per example")
     if x.shape[0] == 0:
         raise UserError(f"{where}: no examples")
     if x.shape[0] != y.shape[0]:
@@ -364,30 +410,45 @@ def _check(x: np.ndarray, y: np.ndarray, where) -> None:
     if x.dtype.kind not in "fiub":
         raise UserError(f"{where}: non-numeric inputs (dtype {x.dtype})")
     if not np.isfinite(x).all():
-        raise UserError(f"{where}: inputs contain NaN or inf "
-                        f"({int((~np.isfinite(x)).sum())} values)")
+        raise UserError(f"{where}: inputs contain NaN or inf ({_count(~np.isfinite(x))})")
+
+
+def _check_targets(y: np.ndarray, where, which: str = "") -> None:
+    # after _labels, so CSV strings such as "nan" or "inf" are caught too
     if y.dtype.kind == "f" and not np.isfinite(y).all():
-        raise UserError(f"{where}: targets contain NaN or inf")
+        raise UserError(f"{where}: {which}targets contain NaN or inf ({_count(~np.isfinite(y))})")
+
+
+def _count(mask: np.ndarray) -> str:
+    n = int(mask.sum())
+    return f"{n} value{'s' if n != 1 else ''}"
 
 
 def _finish(x, y, xv, yv, where, fmt, seed, task, val_fraction, *, tabular,
-            label_names=None, source=None) -> FitData:
+            source=None) -> FitData:
     from sklearn.model_selection import train_test_split
 
     x, y = np.asarray(x), np.asarray(y)
+    reshape = x.ndim == 1 and fmt != "tensors"  # files: one feature per example (the API's
+    if reshape:                                  # loaders feed the model as they are)
+        x, tabular = x[:, None], True
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
-    _check(x, np.asarray(y) if y.dtype != object else np.zeros(len(y)), where)
+    _check(x, y, where)
     y, task = _labels(y, where, task)
+    _check_targets(y, where)
     if xv is not None:
         xv, yv = np.asarray(xv), np.asarray(yv)
+        if reshape and xv.ndim == 1:
+            xv = xv[:, None]
         if yv.ndim == 2 and yv.shape[1] == 1:
             yv = yv[:, 0]
-        _check(xv, yv if yv.dtype != object else np.zeros(len(yv)), where)
+        _check(xv, yv, where)
         if xv.shape[1:] != x.shape[1:]:
             raise UserError(f"{where}: validation inputs have shape {xv.shape[1:]}, "
                             f"training inputs {x.shape[1:]}")
         yv, _ = _labels(yv, where, task)
+        _check_targets(yv, where, "validation ")
     if task not in ("classification", "regression"):
         raise UserError(f"{where}: task must be 'classification' or 'regression', got {task!r}")
 
@@ -405,8 +466,12 @@ def _finish(x, y, xv, yv, where, fmt, seed, task, val_fraction, *, tabular,
                 both = both.astype(np.int64)
                 y = y.astype(np.int64)
                 yv = None if yv is None else yv.astype(np.int64)
-        if both.dtype == object or both.min() < 0:
-            classes = sorted(set(both.tolist()), key=str)
+        values = set(both.tolist())
+        # class indices must be 0..K-1: names, negative or gappy labels (e.g. years) are mapped
+        # in sorted order, and `classes` records the original label of each index
+        if both.dtype == object or values != set(range(len(values))):
+            numeric = both.dtype != object
+            classes = sorted(values, key=float if numeric else str)
             index = {c: i for i, c in enumerate(classes)}
             y = np.array([index[v] for v in y.tolist()], dtype=np.int64)
             yv = None if yv is None else np.array([index[v] for v in yv.tolist()], dtype=np.int64)
