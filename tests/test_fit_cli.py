@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -120,6 +121,28 @@ def test_csv_with_val_and_named_target_and_json(tmp_path, capsys):
     d = r["inputs"]["data"]
     assert (d["n_train"], d["n_val"], d["split"]) == (90, 30, "given")
     assert d["classes"] == ["cat", "dog", "eel"]
+
+
+def test_json_stdout_survives_printing_model_and_files_follow_umask(tmp_path, capsys):
+    """User code that prints (at import and per build) cannot corrupt --json's stdout; run files
+    get the umask's mode (not mkstemp's 0600); one seed has no std (null, not 0.0)."""
+    x, y = blobs()
+    data = write_csv(tmp_path / "d" / "train.csv", x, y).parent
+    model = tmp_path / "talky.py"
+    model.write_text("print('loading')\n" + write_model(tmp_path).read_text().replace(
+        "    return", "    print('building')\n    return"))
+    old = os.umask(0o022)
+    try:
+        code, out, err = run_cli(["fit", model, data, *FAST, "--json", "--optimizer", "dm-rand",
+                                  "--baselines", "adam", "--out", tmp_path / "run"], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0, err
+    r = json.loads(out)
+    assert "loading" in err and "building" in err
+    assert all(row["val_loss_std"] is None for row in r["leaderboard"])
+    modes = {f.name: oct(f.stat().st_mode & 0o777) for f in (tmp_path / "run").iterdir()}
+    assert set(modes.values()) == {"0o644"}, modes
 
 
 def test_npz_file_and_npy_dir(tmp_path, capsys):

@@ -70,6 +70,27 @@ def test_model_raises(tmp_path, data_dir, capsys):
                  "boom.py", "RuntimeError: no GPU here second line")
 
 
+def test_model_calling_sys_exit(tmp_path, data_dir, capsys):
+    (tmp_path / "quits.py").write_text("import sys\nsys.exit(0)\n")
+    expect_error(capsys, tmp_path, ["fit", tmp_path / "quits.py", data_dir, *FAST],
+                 "quits.py: called sys.exit(0) while loading")
+
+
+def test_model_argparse_sees_no_autol2o_arguments(tmp_path, monkeypatch):
+    from autol2o.fit import load_model_file
+
+    (tmp_path / "ap.py").write_text(
+        "import argparse, sys\nARGV = list(sys.argv)\np = argparse.ArgumentParser()\n"
+        "p.add_argument('--lr', type=float, default=0.1)\nargs = p.parse_args()\n"
+        "from torch import nn\ndef build_model():\n    return nn.Linear(6, 3)\n")
+    monkeypatch.setattr("sys.argv", ["autol2o", "fit", "ap.py", "--steps", "5"])
+    um = load_model_file(tmp_path / "ap.py")
+    assert um.entry == "build_model" and um.factory.__globals__["ARGV"] == [
+        str(tmp_path / "ap.py")]
+    import sys
+    assert sys.argv == ["autol2o", "fit", "ap.py", "--steps", "5"]   # restored
+
+
 def test_model_no_entry_point(tmp_path, data_dir, capsys):
     (tmp_path / "empty.py").write_text("x = 1\n")
     expect_error(capsys, tmp_path, ["fit", tmp_path / "empty.py", data_dir, *FAST],
@@ -92,6 +113,32 @@ def test_input_shape_mismatch(tmp_path, data_dir, capsys):
     model = write_model(tmp_path, d=5, k=3)   # expects 5 features, data has 6
     expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST],
                  "model.py", "forward pass failed")
+
+
+def test_model_wired_to_one_batch_size(tmp_path, data_dir, capsys):
+    (tmp_path / "bs8.py").write_text(
+        "from torch import nn\nclass Model(nn.Linear):\n    def __init__(self):\n"
+        "        super().__init__(6, 3)\n    def forward(self, x):\n"
+        "        return super().forward(x.view(8, 6))\n")
+    expect_error(capsys, tmp_path, ["fit", tmp_path / "bs8.py", data_dir, *FAST, "--out",
+                                    tmp_path / "run"],
+                 "bs8.py: forward/loss failed on a training batch of shape (72, 6)")
+
+
+def test_model_failing_mid_run_marks_the_run_failed(tmp_path, data_dir, capsys):
+    (tmp_path / "noeval.py").write_text(
+        "from torch import nn\nclass Model(nn.Linear):\n    def __init__(self):\n"
+        "        super().__init__(6, 3)\n    def forward(self, x):\n"
+        "        assert self.training, 'no validation'\n        return super().forward(x)\n")
+    run = tmp_path / "run"
+    code, out, err = run_cli(["fit", "noeval.py", data_dir, *FAST, "--out", run], capsys)
+    assert code == 2 and out == ""
+    assert err.strip() == ("error: noeval.py: forward/loss failed during training: "
+                           "AssertionError: no validation"), err
+    state = json.loads((run / "state.json").read_text())
+    report = json.loads((run / "report.json").read_text())
+    assert state["status"] == report["status"] == "failed"
+    assert "no validation" in state["error"] and "no validation" in report["verdict"]["summary"]
 
 
 # -- DATA -------------------------------------------------------------------------------------
@@ -171,10 +218,31 @@ def test_existing_run_is_not_overwritten(tmp_path, data_dir, capsys):
     assert json.loads((tmp_path / "run" / "report.json").read_text()) == {"keep": True}
 
 
+def test_output_is_a_file(tmp_path, data_dir, capsys):
+    model = write_model(tmp_path)
+    (tmp_path / "single.csv").write_text("keep")
+    line = expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST, "--out", "single.csv"],
+                        "single.csv: exists and is a file, not a directory")
+    assert "--resume" not in line
+
+
 def test_empty_zoo(tmp_path, data_dir, capsys, monkeypatch):
+    (tmp_path / "nozoo").mkdir()
     monkeypatch.setenv("AUTOL2O_ZOO", str(tmp_path / "nozoo"))
     model = write_model(tmp_path)
     expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST], "nozoo", "autol2o zoo train")
+    expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST, "--zoo", tmp_path / "nope"],
+                 "nope: zoo directory not found")
+
+
+def test_zoo_without_a_usable_entry(tmp_path, data_dir, capsys, monkeypatch):
+    bad = make_zoo(tmp_path / "bad-zoo")
+    monkeypatch.setenv("AUTOL2O_ZOO", str(bad))
+    for weights in bad.glob("*/weights.safetensors"):   # every entry fails its checksum
+        weights.write_bytes(weights.read_bytes()[:-1] + b"x")
+    model = write_model(tmp_path)
+    expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST, "--out", tmp_path / "run"],
+                 "no usable learned optimizer", "sha256 mismatch")
 
 
 def test_unknown_optimizer(tmp_path, data_dir, capsys):
@@ -214,6 +282,33 @@ def test_bad_flags(tmp_path, data_dir, capsys):
     expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST, "--storage", "nowhere"],
                  "nowhere", "not an Optuna storage URL")
     expect_error(capsys, tmp_path, ["fit", "--resume", tmp_path / "norun"], "state.json")
+    for n in ("-2", "0"):
+        expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST, "--threads", n],
+                     f"--threads must be >= 1, got {n}")
+    expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST, "--baselines", ","],
+                 "--baselines must name at least one")
     if not torch.cuda.is_available():
         expect_error(capsys, tmp_path, ["fit", model, data_dir, *FAST, "--device", "cuda"],
                      "CUDA is not available")
+
+
+def test_usage_errors_are_clicks(tmp_path, data_dir, capsys):
+    """Unknown options and unparsable values: click's usage message naming the option, exit 2."""
+    code, out, err = run_cli(["fit", "--bogus"], capsys)
+    assert code == 2 and "No such option: --bogus" in err and "Traceback" not in err
+    code, out, err = run_cli(["fit", "m.py", data_dir, "--steps", "abc"], capsys)
+    assert code == 2 and "Invalid value for '--steps'" in err and not list(tmp_path.glob("runs"))
+
+
+@pytest.mark.parametrize("module", ["click", "typer._click"])
+def test_click_exceptions_of_either_click_are_recognised(module):
+    """typer >= 0.29 raises its bundled click's exceptions, older typer the real click's."""
+    import importlib
+
+    from autol2o.cli import _click_kind
+
+    mod = pytest.importorskip(module)
+    exc = importlib.import_module(f"{module}.exceptions")
+    assert _click_kind(exc.UsageError("bad")) == "usage"
+    assert _click_kind(mod.ClickException("bad")) == "usage"
+    assert _click_kind(ValueError("bad")) is None

@@ -49,13 +49,23 @@ def test_interrupt_then_resume(tmp_path, capsys, monkeypatch):
     sgd = optuna.load_study(study_name="run-sgd", storage=storage)
     assert [t.state.name for t in sgd.trials] == ["COMPLETE", "FAIL"]
 
-    # resume: the race is not re-run, adam is not re-tuned, sgd gets its 2 missing trials
+    # flags that would change the run are refused, not silently ignored; nothing is touched
+    before = (run / "state.json").read_bytes()
+    code, _, err = run_cli(["fit", "--resume", run, "--steps", "50", "--trials", "2",
+                            "--out", tmp_path / "other"], capsys)
+    assert code == 2 and err.strip() == (f"error: --resume continues {run} with its saved "
+                                         "settings; drop --steps, --trials, --out"), err
+    assert (run / "state.json").read_bytes() == before and not (tmp_path / "other").exists()
+
+    # resume: the race is not re-run, adam is not re-tuned, sgd gets its 2 missing trials;
+    # --threads (how to compute, not what) is accepted and used
     monkeypatch.setattr(pipeline, "train_run", real)
     calls.clear()
-    code, _, err = run_cli(["fit", "--resume", run, "--quiet"], capsys)
+    code, _, err = run_cli(["fit", "--resume", run, "--quiet", "--threads", "1"], capsys)
     assert code == 0, err
     r = json.loads((run / "report.json").read_text())
     assert r["status"] == "complete" and r["verdict"]["winner"]
+    assert r["config"]["threads"] == 1 and r["config"]["steps"] == 20
     assert r["race"] == state["phases"]["race"]
     t = r["tuning"]["sgd"]
     assert t["n_trials"] == 4 and t["n_failed"] == 1

@@ -225,6 +225,30 @@ def test_cli_show_json_and_root_option(entry):
     assert res.exit_code == 0 and "sha256 verified" in res.stdout and "rnnprop" in res.stdout
 
 
+def test_cli_lists_the_name_lookup_accepts(entry, capsys):
+    """A renamed entry directory: list/show use the directory name (what --optimizer and
+    `zoo show` accept); show mentions the card's own name."""
+    renamed = entry.rename(entry.parent / "myopt")
+    root = str(renamed.parent)
+    rows = json.loads(runner.invoke(app, ["zoo", "list", "--json", "--root", root]).stdout)
+    assert [r["name"] for r in rows] == ["myopt"]
+    assert isinstance(load_rule("myopt", root=root), RNNprop)
+    res = runner.invoke(app, ["zoo", "show", "myopt", "--root", root], env={"COLUMNS": "200"})
+    assert res.exit_code == 0, res.output
+    assert "card name: rn (look it up as myopt)" in res.stdout
+
+
+def test_cli_bare_zoo_shows_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["zoo"])
+    assert exc.value.code == 0
+    out, err = capsys.readouterr()
+    assert "Usage" in out and "list" in out and err == ""
+    with pytest.raises(SystemExit) as exc:
+        main(["zoo", "list", "--bogus"])
+    assert exc.value.code == 2 and "No such option: --bogus" in capsys.readouterr().err
+
+
 def test_cli_reports_tampering_in_one_line(entry, capsys):
     (entry / WEIGHTS_FILE).write_bytes(b"garbage")
     with pytest.raises(SystemExit) as exc:

@@ -69,14 +69,16 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
+        kind = _click_kind(exc)
+        if kind == "help":  # a bare group (`autol2o zoo`): its help is the answer, not an error
+            typer.echo(exc.format_message())
+            raise SystemExit(0) from None
+        if kind == "exit":
             raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.ClickException):
+        if kind == "usage":  # click's own "Usage: ... Error: ..." naming the option
             exc.show()
             raise SystemExit(exc.exit_code) from None
-        if isinstance(exc, click.exceptions.Abort):
+        if kind == "abort":
             typer.echo("aborted", err=True)
             raise SystemExit(1) from None
         if debug:
@@ -84,3 +86,27 @@ def main(argv: list[str] | None = None) -> None:
         typer.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
                    err=True)
         raise SystemExit(1) from None
+
+
+def _click_kind(exc: Exception) -> str | None:
+    """Classify a click exception, whichever click raised it: typer >= 0.29 bundles its own copy
+    (``typer._click``, with ``typer.Exit``/``typer.Abort`` of its own), older typer uses ``click``
+    itself, and the two class hierarchies are unrelated."""
+    import importlib
+
+    mods = [typer]   # typer.Exit, typer.Abort
+    for name in ("typer._click", "click"):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        mods += [mod, getattr(mod, "exceptions", mod)]
+
+    def classes(name: str) -> tuple[type, ...]:
+        return tuple({c for m in mods if isinstance(c := getattr(m, name, None), type)})
+
+    for kind, name in (("help", "NoArgsIsHelpError"), ("exit", "Exit"),
+                       ("usage", "ClickException"), ("abort", "Abort")):
+        if isinstance(exc, classes(name)):
+            return kind
+    return None

@@ -6,7 +6,9 @@ to stdout.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +18,14 @@ FIT_HELP = """Train MODEL.py on DATA with the best learned optimizer from the zo
 Optuna-tuned Adam and SGD.  Without arguments: a bundled MLP on scikit-learn's digits."""
 
 
+#: fit options that --resume accepts: they say how to compute (storage password, threads, device,
+#: parallel trials) or what to print, not what the run is; MODEL/DATA are refused by fit_files
+RESUME_OK = {"model", "data", "resume", "storage", "threads", "device", "n_jobs", "json_out",
+             "quiet"}
+
+
 def fit(
+    ctx: typer.Context,
     model: Annotated[str | None, typer.Argument(
         help="MODEL.py: defines build_model(), a module-level `model`, or a class `Model`.",
         show_default=False)] = None,
@@ -49,8 +58,9 @@ def fit(
     out: Annotated[str | None, typer.Option(
         help="Run directory (default runs/<timestamp>-<model>); must be new or empty.")] = None,
     resume: Annotated[str | None, typer.Option(
-        help="Continue an interrupted run directory (with --storage URL again if that URL "
-             "has a password: it is not saved in the run).")] = None,
+        help="Continue an interrupted run directory with its saved settings (with --storage "
+             "URL again if that URL has a password: it is not saved in the run); only "
+             "--threads, --device, --n-jobs, --json and -q may be given too.")] = None,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print only the report JSON on stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
@@ -63,14 +73,31 @@ def fit(
                     baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()),
                     device=device, storage=storage, study=study, n_jobs=n_jobs, seed=seed,
                     zoo=zoo, threads=threads)
+    if resume is not None:
+        _check_resume_flags(ctx, resume)
     reporter = Reporter(not quiet)
-    res = fit_files(model, data, cfg, out=out, target=target, resume=resume, reporter=reporter)
+    # --json: stdout carries the report only, so whatever user code prints goes to stderr
+    with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
+        res = fit_files(model, data, cfg, out=out, target=target, resume=resume,
+                        reporter=reporter)
     if json_out:
         typer.echo(json.dumps(res.report, indent=2))
         return
     print_leaderboard(res.report)
     reporter.log(f"report: {Path(res.run_dir) / 'report.md'}")
     reporter.log(f"dashboard: {res.report['artifacts']['dashboard_command']}")
+
+
+def _check_resume_flags(ctx: typer.Context, resume: str) -> None:
+    """Refuse flags that a resumed run would silently ignore (it keeps its saved settings)."""
+    from autol2o.errors import UserError
+
+    given = [p.opts[0] for p in ctx.command.params
+             if p.name not in RESUME_OK and p.name is not None
+             and getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") != "DEFAULT"]
+    if given:
+        raise UserError(f"--resume continues {resume} with its saved settings; drop "
+                        + ", ".join(given))
 
 
 def print_leaderboard(report: dict) -> None:
@@ -84,9 +111,8 @@ def print_leaderboard(report: dict) -> None:
         conf = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                          for k, v in r["params"].items()) or "learned, no tuning"
         loss = "diverged" if r["val_loss_mean"] is None else \
-            f"{r['val_loss_mean']:.4f} ± {r['val_loss_std'] or 0:.4f}"
-        acc = "-" if r["val_acc_mean"] is None else \
-            f"{r['val_acc_mean']:.4f} ± {r['val_acc_std'] or 0:.4f}"
+            _pm(r["val_loss_mean"], r["val_loss_std"])
+        acc = "-" if r["val_acc_mean"] is None else _pm(r["val_acc_mean"], r["val_acc_std"])
         table.add_row(str(r["rank"]), r["name"], conf, loss, acc,
                       f"{r['diverged']}/{r['n_seeds']}")
     console = Console(highlight=False, soft_wrap=True)
@@ -96,7 +122,13 @@ def print_leaderboard(report: dict) -> None:
     console.print(report["verdict"]["summary"])
 
 
+def _pm(mean: float, std: float | None) -> str:
+    """mean ± std; the std is None with one seed (nothing to show)."""
+    return f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
+
+
 def demo(
+    ctx: typer.Context,
     steps: Annotated[int, typer.Option(help="Optimizer steps per training run.")] = 300,
     trials: Annotated[int, typer.Option(help="Optuna trials per baseline.")] = 20,
     seeds: Annotated[int, typer.Option(help="Seeds per contender in the finals.")] = 3,
@@ -104,7 +136,7 @@ def demo(
     json_out: Annotated[bool, typer.Option("--json", help="Only the report JSON.")] = False,
 ) -> None:
     """The embedded default: the bundled MLP on scikit-learn's digits (same as plain `fit`)."""
-    fit(None, None, steps=steps, trials=trials, seeds=seeds, fine_tune=0, optimizer=None,
+    fit(ctx, None, None, steps=steps, trials=trials, seeds=seeds, fine_tune=0, optimizer=None,
         batch_size=128, probe=0.1, baselines="adam,sgd", target=None, device="auto",
         storage=None, study=None, n_jobs=1, seed=0, threads=None, zoo=None, out=out, resume=None,
         json_out=json_out, quiet=False)

@@ -106,7 +106,9 @@ def show_cmd(
     from rich.rule import Rule
 
     con = _console()
-    con.print(Rule(f"{card.get('name', path.name)}  ({path})"))
+    con.print(Rule(f"{path.name}  ({path})"))
+    if card.get("name") not in (None, path.name):  # e.g. a renamed entry directory
+        con.print(f"card name: {card['name']} (look it up as {path.name})")
     con.print(Pretty(card, expand_all=True))
     con.print(f"weights: {path / 'weights.safetensors'} (sha256 verified)")
 

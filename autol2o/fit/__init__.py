@@ -39,7 +39,7 @@ from .pipeline import (
     new_run_dir,
     read_state,
     resolve_device,
-    restore_storage,
+    resume_config,
 )
 from .problem import Problem, UserModel, from_object, load_model_file
 from .progress import Reporter
@@ -55,10 +55,23 @@ def check_zoo(cfg: FitConfig) -> None:
     if cfg.optimizer:
         load_rule(cfg.optimizer, cfg.zoo)   # unknown name or bad checksum: one-line ZooError
         return
-    if not list_entries(cfg.zoo):
-        raise UserError(f"{zoo_root(cfg.zoo)}: the zoo of learned optimizers is empty; train one "
+    root = zoo_root(cfg.zoo)
+    if not root.is_dir():
+        raise UserError(f"{root}: zoo directory not found (--zoo or AUTOL2O_ZOO)")
+    entries = list_entries(root)
+    if not entries:
+        raise UserError(f"{root}: the zoo of learned optimizers is empty; train one "
                         "with `autol2o zoo train --out <zoo>/NAME ...` (or point AUTOL2O_ZOO/--zoo "
                         "at a zoo)")
+    # the race skips unusable entries, but needs one that loads (checksum verified)
+    errors = []
+    for e in entries:
+        try:
+            load_rule(e.path)
+            return
+        except UserError as err:
+            errors.append(str(err))
+    raise UserError(f"zoo {root}: no usable learned optimizer ({errors[0]})")
 
 
 def _materialise(loader: Any, what: str) -> tuple[Tensor, Tensor, int]:
@@ -122,7 +135,7 @@ def optimize(model: nn.Module | Callable[[], nn.Module], train_loader: Iterable 
     data = from_tensors(x, y, xv, yv, seed=seed, task=task)
     problem = Problem(from_object(model, task=task, loss_fn=loss_fn), data,
                       resolve_device(device))
-    problem.check()
+    problem.check(cfg.batch_size)
     return _run(problem, cfg, out, resume, {"model": "<api model>", "data": "<api loaders>"},
                 Reporter(progress))
 
@@ -141,7 +154,7 @@ def fit_files(model_path: str | Path | None, data_path: str | Path | None, cfg: 
         if inp.get("model") == "<api model>":
             raise UserError(f"{resume}: this run was started from Python; resume it with "
                             "autol2o.optimize(..., out=RUN_DIR, resume=True)")
-        cfg = restore_storage(FitConfig.from_dict(state["config"]), cfg.storage, Path(resume))
+        cfg = resume_config(state, cfg, Path(resume))
         model_path, data_path, target = inp.get("model"), inp.get("data"), inp.get("target")
     cfg.validate()
     check_zoo(cfg)   # before any loading: nothing to race is the first thing to say
@@ -156,7 +169,7 @@ def fit_files(model_path: str | Path | None, data_path: str | Path | None, cfg: 
     for note in data.notes:
         reporter.log(f"data: {note}")
     problem = Problem(um, data, resolve_device(cfg.device))
-    problem.check()
+    problem.check(cfg.batch_size)
     reporter.log(f"model: {problem.n_params} trainable parameters, {problem.task}, device "
                  f"{problem.device}")
     inputs = {"model": str(Path(model_path).resolve()),
@@ -190,7 +203,7 @@ def _run_in(problem: Problem, cfg: FitConfig, out, resume: bool, inputs: dict[st
         state = read_state(run_dir)
         if state.get("status") == "complete":
             raise UserError(f"{run_dir}: this run is already complete (see its report.json)")
-        cfg = restore_storage(FitConfig.from_dict(state["config"]), cfg.storage, run_dir)
+        cfg = resume_config(state, cfg, run_dir)
         check_zoo(cfg)
         reporter.log(f"resuming {run_dir}")
         fr = FitRun(problem, cfg, run_dir, reporter=reporter, state=state)

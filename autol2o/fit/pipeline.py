@@ -34,7 +34,7 @@ import statistics
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,8 +98,12 @@ class FitConfig:
                 raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
         if self.fine_tune < 0:
             raise UserError(f"--fine-tune must be >= 0, got {self.fine_tune}")
+        if self.threads is not None and self.threads < 1:
+            raise UserError(f"--threads must be >= 1, got {self.threads}")
         if not 0 < self.probe_fraction <= 1:
             raise UserError(f"--probe must lie in (0, 1], got {self.probe_fraction}")
+        if not self.baselines:  # the point of a fit is the comparison with a tuned baseline
+            raise UserError("--baselines must name at least one of adam, sgd")
         bad = [b for b in self.baselines if b not in ("adam", "sgd")]
         if bad:
             raise UserError(f"unknown baseline(s) {', '.join(bad)} (choose from adam, sgd)")
@@ -146,7 +150,9 @@ def new_run_dir(out: str | Path | None, model_name: str, base: Path = Path("runs
     """Create the run directory; never reuse a non-empty one (no silent overwrite)."""
     if out is not None:
         d = Path(out)
-        if d.exists() and (not d.is_dir() or any(d.iterdir())):
+        if d.exists() and not d.is_dir():
+            raise UserError(f"{d}: exists and is a file, not a directory (choose another --out)")
+        if d.exists() and any(d.iterdir()):
             raise UserError(f"{d}: output directory already exists and is not empty "
                             f"(choose another --out, or continue it with --resume {d})")
     else:
@@ -225,6 +231,13 @@ class FitRun:
                      != self.cfg.storage else "")  # the password is not saved in the run
             self.out.log(f"interrupted: partial report in {self.dir}; continue with "
                          f"`autol2o fit --resume {self.dir}{again}`", always=True)
+            raise
+        except Exception as e:
+            # never leave a run that claims to be "running": say it failed, and why
+            self.state["status"], self.state["error"] = "failed", str(e)
+            self._save_state()
+            with suppress(Exception):  # the original error matters, not this one
+                self._write_report(status="failed", error=str(e))
             raise
         report, model = self._write_report(status="complete")
         self.state["status"] = "complete"   # only once the report is on disk
@@ -440,8 +453,11 @@ class FitRun:
         self.timings["finals"] = time.perf_counter() - t0
 
     # phase 5 + outputs ---------------------------------------------------------------------
-    def _write_report(self, status: str) -> tuple[dict[str, Any], nn.Module | None]:
+    def _write_report(self, status: str,
+                      error: str | None = None) -> tuple[dict[str, Any], nn.Module | None]:
         report = self.build_report(status)
+        if error is not None:
+            report["verdict"]["summary"] = f"failed: {error}"
         model = None
         if status == "complete" and report["verdict"]["winner"]:
             winner = report["verdict"]["winner"]
@@ -657,8 +673,8 @@ def _num(v: float | None) -> float | None:
 def _stats(vals: list[float | None]) -> dict[str, Any]:
     ok = [v for v in vals if v is not None and math.isfinite(v)]
     return {"mean": statistics.fmean(ok) if ok and len(ok) == len(vals) else None,
-            "std": statistics.stdev(ok) if len(ok) > 1 and len(ok) == len(vals) else
-            (0.0 if len(ok) == 1 == len(vals) else None),
+            # one seed: no spread to estimate (null, not a misleading 0.0)
+            "std": statistics.stdev(ok) if len(ok) > 1 and len(ok) == len(vals) else None,
             "values": [_num(v) for v in vals]}
 
 
@@ -684,6 +700,22 @@ def restore_storage(saved: FitConfig, given: str | None, run_dir: Path) -> FitCo
                         "which is not saved in the run; pass the same URL again with --storage")
     saved.storage = given
     return saved
+
+
+#: settings that change how a run is computed, not what it is: a resumed run takes them from
+#: the caller when they differ from the defaults (e.g. fewer threads on a busier machine)
+RUNTIME_FIELDS = ("threads", "device", "n_jobs")
+
+
+def resume_config(state: dict[str, Any], given: FitConfig, run_dir: Path) -> FitConfig:
+    """The config of a run being resumed: the saved one, with the storage password and any
+    non-default :data:`RUNTIME_FIELDS` from ``given``."""
+    cfg = restore_storage(FitConfig.from_dict(state["config"]), given.storage, run_dir)
+    default = FitConfig()
+    for k in RUNTIME_FIELDS:
+        if getattr(given, k) != getattr(default, k):
+            setattr(cfg, k, getattr(given, k))
+    return cfg
 
 
 def _now() -> str:

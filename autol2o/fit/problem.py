@@ -62,7 +62,7 @@ class UserModel:
             else:
                 torch.manual_seed(seed)
                 m = self.factory()
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # a sys.exit() in user code must not end autol2o
             raise UserError(f"{self.source}: building the model failed: {_one_line(e)}") from e
         if not isinstance(m, nn.Module):
             raise UserError(f"{self.source}: {self.entry} returned {type(m).__name__}, "
@@ -98,15 +98,21 @@ def load_model_file(path: str | Path) -> UserModel:
         raise UserError(f"{p}: syntax error at line {e.lineno}: {e.msg}") from e
     spec = importlib.util.spec_from_file_location(mod_name, p)
     module = importlib.util.module_from_spec(spec)
-    # Let MODEL.py import its neighbours, as `python MODEL.py` would.
+    # Let MODEL.py import its neighbours, as `python MODEL.py` would; an argparse at import time
+    # sees no arguments (autol2o's own are not the model's).
     sys.path.insert(0, str(p.parent.resolve()))
     sys.modules[mod_name] = module
+    argv, sys.argv = sys.argv, [str(p)]
     try:
         exec(code, module.__dict__)
+    except SystemExit as e:  # sys.exit() or a failing argparse must not end autol2o quietly
+        sys.modules.pop(mod_name, None)
+        raise UserError(f"{p}: called sys.exit({e.code!r}) while loading") from e
     except Exception as e:
         sys.modules.pop(mod_name, None)
         raise UserError(f"{p}: raised {_one_line(e)} while loading") from e
     finally:
+        sys.argv = argv
         sys.path.pop(0)
     ns = module.__dict__
     name = p.stem
@@ -190,8 +196,9 @@ class Problem:
             self._templates[seed] = self.model.build(seed).to(self.device)
         return copy.deepcopy(self._templates[seed])
 
-    def check(self) -> None:
-        """Run the model on a few examples and verify output shape and loss (before any work)."""
+    def check(self, batch_size: int | None = None) -> None:
+        """Run the model on a few examples and verify output shape and loss (before any work);
+        with ``batch_size``, also one training batch of that size."""
         m = self.initial(0)
         src = self.model.source
         self.n_params = sum(p.numel() for p in m.parameters() if p.requires_grad)
@@ -225,6 +232,14 @@ class Problem:
                             f"{tuple(out.shape)}: {_one_line(e)}") from e
         if not isinstance(loss, Tensor) or loss.numel() != 1:
             raise UserError(f"{src}: loss_fn must return a scalar tensor")
+        xb, yb = self.data.x_train[:batch_size or b], self.data.y_train[:batch_size or b]
+        if len(xb) != b:  # e.g. a model hard-wired to 8 examples fails here, not mid-run
+            try:
+                with torch.no_grad():
+                    self.loss_fn(m(xb), yb)
+            except Exception as e:
+                raise UserError(f"{src}: forward/loss failed on a training batch of shape "
+                                f"{tuple(xb.shape)}: {_one_line(e)}") from e
 
     def summary(self) -> dict[str, Any]:
         return {"model": self.model.source, "model_name": self.model.name,

@@ -5,7 +5,8 @@ so an interrupted run never leaves a half-written file.
 ``report.json`` schema, ``schema_version`` 1 (losses are ``null`` where a run diverged)::
 
     schema_version   int, 1
-    status           "complete" | "interrupted" (partial: later sections may be empty)
+    status           "complete" | "interrupted" | "failed" (partial: later sections may be
+                     empty; a failed run's verdict.summary is "failed: <the error>")
     autol2o_version, created, finished (ISO time), run_dir, device
     inputs           model (path or "<api model>"), model_name, entry_point, task, n_params, loss,
                      data {source, format, task, n_train, n_val, input_shape, n_classes, classes,
@@ -26,9 +27,10 @@ so an interrupted run never leaves a half-written file.
     finals           [{name, kind ("learned"|"adam"|"sgd"), params, val_loss {mean, std, values},
                        val_acc {mean, std, values} | null, train_loss {...}, diverged, seeds,
                        steps, wall_time, runs: [{name, seed, steps, train_loss, val_loss,
-                       val_acc, steps_run, diverged, wall_time}]}]
+                       val_acc, steps_run, diverged, wall_time}]}]  (mean null if a seed
+                       diverged; std null then and with one seed)
     leaderboard      [{rank, name, kind, params, val_loss_mean, val_loss_std, val_acc_mean,
-                       val_acc_std, n_seeds, diverged}]  (best first)
+                       val_acc_std, n_seeds, diverged}]  (best first; *_std null with one seed)
     verdict          {winner, runner_up, gap, noise (2 standard errors of the difference),
                       significant (gap > noise; null with one seed), summary (one sentence),
                       compute {learned|adam|sgd: {search_steps, search_wall_time, [search_trials],
@@ -53,7 +55,7 @@ import io
 import json
 import math
 import os
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +66,10 @@ SCHEMA_VERSION = 1
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # a unique temporary name (parallel workers may share the run directory), created with
+    # mode 0666 so the umask applies as to any other file (mkstemp would force 0600)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -84,7 +89,11 @@ def save_weights(model: nn.Module, path: Path) -> None:
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
+    # safetensors creates its files 0600; give the weights the umask's mode like the other files
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))
+    mode = os.stat(tmp).st_mode & 0o777
     save_model(model, str(tmp))
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
 
 
@@ -195,10 +204,11 @@ def markdown(r: dict[str, Any]) -> str:
                   "| rank | optimizer | config | val loss (mean +/- std) | val acc | diverged |",
                   "|---|---|---|---|---|---|"]
         for row in r["leaderboard"]:
-            acc = "-" if row["val_acc_mean"] is None else \
-                f"{row['val_acc_mean']:.4f} +/- {row['val_acc_std'] or 0:.4f}"
+            acc = "-" if row["val_acc_mean"] is None else f"{row['val_acc_mean']:.4f}" + (
+                "" if row["val_acc_std"] is None else f" +/- {row['val_acc_std']:.4f}")
             loss = "diverged" if row["val_loss_mean"] is None else \
-                f"{row['val_loss_mean']:.4g} +/- {row['val_loss_std'] or 0:.2g}"
+                f"{row['val_loss_mean']:.4g}" + (
+                    "" if row["val_loss_std"] is None else f" +/- {row['val_loss_std']:.2g}")
             conf = ", ".join(f"{k}={_f(x, 3)}" for k, x in row["params"].items()) or "no tuning"
             lines.append(f"| {row['rank']} | {row['name']} | {conf} | {loss} | {acc} | "
                          f"{row['diverged']}/{row['n_seeds']} |")

@@ -14,16 +14,18 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from autol2o.errors import UserError
 from autol2o.optimizers import LearnedOptimizer, LearnedRule
 
-from .problem import Problem, accuracy
+from .problem import Problem, _one_line, accuracy
 
 BLOWUP = 1000.0
 
@@ -117,6 +119,19 @@ def evaluate(model: nn.Module, problem: Problem, chunk: int = 2048) -> tuple[flo
     return total / len(x), acc
 
 
+@contextmanager
+def user_code(problem: Problem) -> Iterator[None]:
+    """Errors from the model or its loss mid-run (a batch or validation chunk of a size the
+    8-example check did not try, say) are the user's to fix: one line naming MODEL.py."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"{problem.model.source}: forward/loss failed during training: "
+                        f"{_one_line(e)}") from e
+
+
 def default_eval_every(steps: int) -> int:
     """About 20 validation points per run (and pruning decisions for Optuna)."""
     return max(1, steps // 20)
@@ -143,7 +158,8 @@ def train_run(problem: Problem, opt: OptSpec, *, steps: int, seed: int, batch_si
     perm, pos = torch.randperm(n, generator=gen), 0
     res = RunResult(opt.name, seed)
 
-    v0, a0 = evaluate(model, problem)
+    with user_code(problem):
+        v0, a0 = evaluate(model, problem)
     res.steps.append(0)
     res.train_loss.append(None)
     res.val_loss.append(v0)
@@ -159,8 +175,9 @@ def train_run(problem: Problem, opt: OptSpec, *, steps: int, seed: int, batch_si
         idx = perm[pos:pos + bs].to(problem.device)
         pos += bs
         optimizer.zero_grad(set_to_none=True)
-        loss = problem.loss_fn(model(x[idx]), y[idx])
-        loss.backward()
+        with user_code(problem):
+            loss = problem.loss_fn(model(x[idx]), y[idx])
+            loss.backward()
         optimizer.step()
         run_loss += loss.detach()
         since += 1
@@ -169,7 +186,8 @@ def train_run(problem: Problem, opt: OptSpec, *, steps: int, seed: int, batch_si
             train_mean = float(run_loss) / since
             run_loss.zero_()
             since = 0
-            v, a = evaluate(model, problem)
+            with user_code(problem):
+                v, a = evaluate(model, problem)
             res.steps.append(step)
             res.train_loss.append(train_mean if math.isfinite(train_mean) else None)
             res.val_loss.append(v if math.isfinite(v) else math.inf)

@@ -69,7 +69,7 @@ class ZooError(UserError):
 class ZooEntry:
     """One zoo entry: its name, directory and parsed card (weights are not read)."""
 
-    name: str
+    name: str          # the directory name (what lookup by name uses)
     path: Path
     card: dict[str, Any]
 
@@ -168,8 +168,8 @@ def list_entries(root: Path | str | None = None) -> list[ZooEntry]:
     for d in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))):
         if not (d / CARD_FILE).exists() and not (d / WEIGHTS_FILE).exists():
             continue  # not a zoo entry (e.g. __pycache__ or a scratch folder)
-        card = read_card(d)
-        out.append(ZooEntry(name=str(card.get("name") or d.name), path=d, card=card))
+        # the directory name, not the card's "name": it is what --optimizer/`zoo show` look up
+        out.append(ZooEntry(name=d.name, path=d, card=read_card(d)))
     return out
 
 
