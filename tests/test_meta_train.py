@@ -223,3 +223,20 @@ def test_progress_without_a_terminal_prints_plain_lines(capsys):
     # every min(50, iterations // 20) = 2 iterations
     assert [ln.split()[1] for ln in lines] == [f"{i}/40" for i in range(2, 41, 2)]
     assert "val" in lines[-1] and "(best" in lines[-1]
+
+
+def test_validation_across_tasks_is_a_geometric_mean(monkeypatch):
+    # losses on unrelated scales: each task's relative change must count the same
+    losses = iter([2.0, 0.01, 2.0, 0.02, 1.0, float("inf")])
+
+    class Res:
+        def __init__(self):
+            self.final_loss = next(losses)
+
+    monkeypatch.setattr(trainer_mod, "evaluate", lambda *a, **k: Res())
+    cfg = TrainConfig(horizon=10, unroll=5)
+    tasks = [build_task("quadratic"), build_task("quadratic")]
+    assert trainer_mod._validate(_rule(), tasks, cfg) == pytest.approx(math.sqrt(2.0 * 0.01))
+    # doubling the small task's loss is as bad as doubling the large one's
+    assert trainer_mod._validate(_rule(), tasks, cfg) == pytest.approx(math.sqrt(2.0 * 0.02))
+    assert not math.isfinite(trainer_mod._validate(_rule(), tasks, cfg))  # a diverged task

@@ -283,9 +283,15 @@ def _sync_grads(rule: LearnedRule, ok: bool, world: int) -> bool:
 
 
 def _validate(rule: LearnedRule, val_tasks: list[Task], config: TrainConfig) -> float:
+    """Validation score: the geometric mean over tasks of each task's mean final loss.
+
+    With one task that is its loss.  Across tasks, losses live on unrelated scales (an MLP's
+    cross-entropy near 2, a regression MSE near 0.01); an arithmetic mean would let the largest
+    decide the best checkpoint alone, whereas a geometric mean weighs every task's *relative*
+    improvement equally.  A diverged task (NaN/inf) makes the score NaN, never the best."""
     losses = [evaluate(rule, t, config.validation_steps, config.val_runs, config.val_seed).final_loss
               for t in val_tasks]
-    return float(np.mean(losses))
+    return float(np.exp(np.mean(np.log(np.maximum(losses, 1e-30)))))
 
 
 def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig, *,
