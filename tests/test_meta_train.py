@@ -2,6 +2,7 @@
 batched runs equal separate runs."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -240,3 +241,101 @@ def test_validation_across_tasks_is_a_geometric_mean(monkeypatch):
     # doubling the small task's loss is as bad as doubling the large one's
     assert trainer_mod._validate(_rule(), tasks, cfg) == pytest.approx(math.sqrt(2.0 * 0.02))
     assert not math.isfinite(trainer_mod._validate(_rule(), tasks, cfg))  # a diverged task
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"iterations": 0}, "--iterations must be >= 1, got 0"),
+    ({"validate_every": -1}, "--validate-every must be >= 0, got -1"),
+    ({"checkpoint_every": -1}, "--checkpoint-every must be >= 0, got -1"),
+    ({"meta_lr": -1.0}, "--meta-lr must be a finite number > 0"),
+    ({"meta_lr": math.nan}, "--meta-lr must be a finite number > 0"),
+    ({"unroll": 50, "horizon": 10}, "--unroll 50 must be <= the horizon (10)"),
+    ({"unroll": 50, "curriculum": ((0, 10), (2, 20))}, "--unroll 50 must be <= the horizon (20)"),
+    ({"curriculum": ((0, 10), (0, 20))}, "two stages start at iteration 0"),
+    ({"curriculum": ((0, 10), (100, 20)), "iterations": 4}, "100:20 starts at or after"),
+])
+def test_config_rejects_values_that_would_be_silently_misread(change, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        TrainConfig(**{"horizon": 10, "unroll": 5, "iterations": 4, **change})
+    # a curriculum stage shorter than the unroll is allowed: it is unrolled whole
+    TrainConfig(horizon=10, unroll=8, iterations=4, curriculum=((0, 4), (2, 10)))
+
+
+def _checkpointed(tmp_path, task, **kw):
+    """A finished 4-iteration run that left its checkpoint in tmp_path (as a kill after the last
+    checkpoint would), with validation on."""
+    cfg = TrainConfig(horizon=4, unroll=2, iterations=4, batch=1, validate_every=2, val_runs=1,
+                      checkpoint_every=2, **kw)
+    meta_train(_rule(), task, cfg, checkpoint_dir=tmp_path, progress=False)
+    return cfg
+
+
+@pytest.mark.parametrize("field, value", [("validate_every", 0), ("validate_every", 1),
+                                          ("val_runs", 2), ("val_steps", 3), ("val_seed", 1)])
+def test_resume_refuses_to_change_what_best_means(tmp_path, field, value):
+    """The best weights so far are in the checkpoint: resuming with validation off used to return
+    them instead of the final ones, and other validation settings would compare unlike scores."""
+    task = build_task("quadratic")
+    cfg = _checkpointed(tmp_path, task)
+    changed = TrainConfig(**{**cfg.to_dict(), field: value})
+    with pytest.raises(UserError, match=f"different config \\({field} "):
+        meta_train(_rule(), task, changed, checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_resume_refuses_other_tasks_data_rule_or_fewer_iterations(tmp_path):
+    task = build_task("mlp-digits")
+    cfg = _checkpointed(tmp_path, task)
+
+    def resume(tasks, config=cfg, rule=None):
+        return meta_train(rule or _rule(), tasks, config, checkpoint_dir=tmp_path, resume=True,
+                          progress=False)
+
+    with pytest.raises(UserError, match="checkpoint was made with tasks mlp-digits; got "
+                                        "digits-nn-relu$"):
+        resume(build_task("digits-nn-relu"))  # same shapes: used to resume and mislabel
+    with pytest.raises(UserError, match="tasks mlp-digits; got quadratic"):
+        resume(build_task("quadratic"))       # used to crash on tensor sizes
+    other = build_task("mlp-digits")
+    other.x = other.x.flip(0)                 # same spec, other files (--data-dir)
+    with pytest.raises(UserError, match="task mlp-digits's training data differs"):
+        resume(other)
+    torch.manual_seed(0)
+    with pytest.raises(UserError, match="checkpoint was made with rule rnnprop; got dm$"):
+        resume(task, rule=DMOptimizer())
+    with pytest.raises(UserError, match="checkpoint is at iteration 4; --iterations 3 is below"):
+        resume(task, TrainConfig(**{**cfg.to_dict(), "iterations": 3}))
+    # checkpoint_every may change and iterations grow; checkpoints without the identity fields
+    # (older versions) are not checked
+    ck_path = tmp_path / trainer_mod.CHECKPOINT
+    ck = torch.load(ck_path, weights_only=True)
+    for key in ("tasks", "val_tasks", "data", "rule_config"):
+        del ck[key]
+    torch.save(ck, ck_path)
+    res = resume(other, TrainConfig(**{**cfg.to_dict(), "iterations": 5, "checkpoint_every": 0}))
+    assert len(res.history) == 5
+
+
+def test_train_to_zoo_resume_needs_a_checkpoint(tmp_path):
+    """--resume with nothing to resume used to start a fresh run silently."""
+    from autol2o.meta import train_to_zoo
+
+    cfg = TrainConfig(horizon=4, unroll=2, iterations=2, batch=1)
+    with pytest.raises(UserError, match="checkpoint: no checkpoint to resume$"):
+        train_to_zoo("rnnprop", ["quadratic"], cfg, tmp_path / "e", None, "cpu", True, "cmd")
+    assert not (tmp_path / "e").exists()
+
+
+def test_launch_shares_the_checks_and_reports_one_line(tmp_path, capsys):
+    from autol2o.meta import launch
+
+    base = ["--task", "quadratic", "--horizon", "4", "--unroll", "2", "--batch", "1",
+            "--iterations", "2", "--out", str(tmp_path / "e")]
+    assert launch.main([*base, "--validate-every", "-1"]) == 2
+    assert capsys.readouterr().err == "error: --validate-every must be >= 0, got -1\n"
+    assert launch.main([*base, "--resume"]) == 2
+    assert "no checkpoint to resume" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+    assert launch.main(base) == 0
+    assert launch.main(base) == 2  # an existing entry is only replaced with --overwrite
+    assert "already exists (use --overwrite" in capsys.readouterr().err
+    assert launch.main([*base, "--overwrite"]) == 0

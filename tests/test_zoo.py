@@ -258,17 +258,98 @@ def test_cli_reports_tampering_in_one_line(entry, capsys):
     assert err.startswith("error: ") and str(entry / WEIGHTS_FILE) in err and "\n" not in err
 
 
+TRAIN_NO_HORIZON = ["zoo", "train", "--rule", "rnnprop", "--task", "quadratic", "--unroll", "2",
+                    "--iterations", "2", "--batch", "1", "--device", "cpu"]
+TRAIN = [*TRAIN_NO_HORIZON, "--horizon", "4"]
+
+
+def _train_error(capsys, args: list[str]) -> str:
+    """Run ``autol2o zoo train`` expecting a usage error: exit 2, one line, returned."""
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
 def test_cli_train_refuses_to_overwrite(entry, capsys):
-    with pytest.raises(SystemExit):
-        main(["zoo", "train", "--rule", "rnnprop", "--task", "quadratic", "--out", str(entry)])
-    assert "already exists (use --resume or --overwrite)" in capsys.readouterr().err
+    """An entry is replaced only with --overwrite; --resume needs a checkpoint (it used to
+    retrain from scratch over a finished entry), and an interrupted run's checkpoint is kept."""
+    sha = json.loads((entry / CARD_FILE).read_text())["sha256"]
+    err = _train_error(capsys, [*TRAIN, "--out", str(entry)])
+    assert err.endswith("zoo entry already exists (use --overwrite to replace it)")
+    err = _train_error(capsys, [*TRAIN, "--resume", "--out", str(entry)])
+    assert err == f"error: {entry / 'checkpoint'}: no checkpoint to resume"
+    assert json.loads((entry / CARD_FILE).read_text())["sha256"] == sha
+    assert not (entry / "checkpoint").exists()
+    fresh = entry.parent / "fresh"
+    assert "no checkpoint to resume" in _train_error(capsys, [*TRAIN, "--resume", "--out",
+                                                             str(fresh)])
+    assert not fresh.exists()
+    # a checkpoint next to the entry (killed while writing it): --resume finishes that run
+    (entry / "checkpoint").mkdir()
+    (entry / "checkpoint" / "checkpoint.pt").write_bytes(b"")
+    err = _train_error(capsys, [*TRAIN, "--out", str(entry)])
+    assert "or --resume to finish its checkpointed run" in err
+    (entry / CARD_FILE).unlink()
+    (entry / WEIGHTS_FILE).unlink()
+    err = _train_error(capsys, [*TRAIN, "--out", str(entry)])
+    assert "an interrupted run's checkpoint is here (use --resume" in err
+    # --overwrite starts over: the stale checkpoint goes, the new entry is written
+    assert main([*TRAIN, "--overwrite", "--out", str(entry)]) is None
+    load_entry(entry)
+    assert not (entry / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--iterations", "0"], "--iterations must be >= 1, got 0"),
+    (["--unroll", "50", "--horizon", "10"], "--unroll 50 must be <= the horizon (10)"),
+    (["--curriculum", "0:10:999"], "--curriculum must be 'ITER:HORIZON,...'"),
+    (["--curriculum", "0:10,0:20"], "--curriculum: two stages start at iteration 0"),
+    (["--curriculum", "0:10,100:20", "--iterations", "4"],
+     "--curriculum: stage 100:20 starts at or after --iterations 4, so it never runs"),
+    (["--curriculum", "5:10"], "--curriculum must start at iteration 0"),
+    (["--curriculum", "0:10", "--horizon", "20"], "--horizon 20 conflicts with --curriculum"),
+    (["--validate-every", "-1"], "--validate-every must be >= 0, got -1"),
+    (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 0, got -1"),
+    (["--meta-lr", "-1"], "--meta-lr must be a finite number > 0, got -1.0"),
+    (["--meta-lr", "nan"], "--meta-lr must be a finite number > 0, got nan"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+])
+def test_cli_train_rejects_bad_options_before_creating_anything(tmp_path, capsys, extra, message):
+    out = tmp_path / "e"
+    args = TRAIN_NO_HORIZON if "--curriculum" in extra else TRAIN
+    assert message in _train_error(capsys, [*args, *extra, "--out", str(out)])
+    assert not out.exists()
+
+
+def test_cli_train_device_and_out_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _train_error(capsys, [*TRAIN, "--device", "cuda", "--out", str(tmp_path / "e")])
+    assert err == "error: --device cuda: CUDA is not available"
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    err = _train_error(capsys, [*TRAIN, "--out", str(afile)])
+    assert err == f"error: {afile}: exists and is a file"
+    err = _train_error(capsys, [*TRAIN, "--out", str(afile / "x")])
+    assert err == f"error: {afile / 'x'}: {afile} is a file"
+    assert afile.read_text() == "keep me"
+
+
+def test_cli_train_help_names_real_tasks():
+    from autol2o.meta import preset_spec
+
+    res = runner.invoke(app, ["zoo", "train", "--help"], env={"COLUMNS": "300"})
+    assert "mnist-nn-sigmoid" in res.output and "mnist-mlp-sigmoid" not in res.output
+    preset_spec("mnist-nn-sigmoid")  # the name the help gives exists
 
 
 def test_cli_train_writes_a_loadable_entry(tmp_path):
     """`zoo train` end to end on a tiny task: entry loads, card records how to reproduce it."""
     out = tmp_path / "zoo" / "tiny"
-    args = ["zoo", "train", "--rule", "dm", "--task", "quadratic", "--horizon", "6",
-            "--unroll", "3", "--iterations", "4", "--batch", "2", "--curriculum", "4,6",
+    args = ["zoo", "train", "--rule", "dm", "--task", "quadratic", "--unroll", "3",
+            "--iterations", "4", "--batch", "2", "--curriculum", "4,6",
+            "--horizon", "4",  # the curriculum's first horizon: accepted (older cards have it)
             "--device", "cpu", "--out", str(out)]
     res = runner.invoke(app, args)
     assert res.exception is None and res.exit_code == 0, res.output
@@ -278,21 +359,23 @@ def test_cli_train_writes_a_loadable_entry(tmp_path):
     assert training["meta_iterations"] == 4 and training["curriculum"] == [[0, 4], [2, 6]]
     assert card["tricks"]["random_scaling"] == 0 and training["meta_loss"] == "mean"
     assert card["command"] == (
-        f"autol2o zoo train --rule dm --task quadratic --horizon 6 --unroll 3 --iterations 4 "
-        f"--batch 2 --meta-lr 0.001 --lr-schedule constant --warmup 0 --no-random-scaling "
-        f"--no-convex --curriculum 0:4,2:6 --validate-every 0 --val-runs 8 --seed 0 --out {out}")
+        f"autol2o zoo train --rule dm --task quadratic --curriculum 0:4,2:6 --unroll 3 "
+        f"--iterations 4 --batch 2 --meta-lr 0.001 --lr-schedule constant --warmup 0 "
+        f"--no-random-scaling --no-convex --validate-every 0 --val-runs 8 --seed 0 --out {out}")
     rows = json.loads(runner.invoke(app, ["zoo", "list", "--json", "--root", str(out.parent)])
                       .stdout)
     assert rows[0]["horizon"] == 6 and rows[0]["trained_on"] == ["quadratic"]
 
 
 def test_cli_train_init_continues_from_an_entry(entry, tmp_path):
-    """`--init` starts from the entry's weights (0 iterations: identical updates) and the card
+    """`--init` starts from the entry's weights (one step at a meta-lr far below float32
+    resolution: identical updates) and the card
     names the entry it started from; a rule mismatch or a tampered entry is a one-line error."""
     out = tmp_path / "warm"
     base = ["zoo", "train", "--task", "quadratic", "--horizon", "4", "--unroll", "2",
             "--batch", "1", "--device", "cpu", "--init", str(entry)]
-    res = runner.invoke(app, [*base, "--rule", "rnnprop", "--iterations", "0", "--out", str(out)])
+    res = runner.invoke(app, [*base, "--rule", "rnnprop", "--iterations", "1", "--meta-lr",
+                              "1e-30", "--out", str(out)])
     assert res.exit_code == 0, res.output
     grads = torch.randn(5, 7)
     torch.testing.assert_close(_run(load_rule(out), grads), _run(load_rule(entry), grads),

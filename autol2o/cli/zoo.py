@@ -115,12 +115,16 @@ def show_cmd(
 
 @app.command("train")
 def train_cmd(
+    ctx: typer.Context,
     out: Annotated[Path, typer.Option("--out", help="Entry directory to write, e.g. pretrained/NAME.")],
     rule: Annotated[str, typer.Option("--rule", help="Learned rule: rnnprop or dm.")] = "rnnprop",
     task: Annotated[list[str] | None, typer.Option(
-        "--task", help="Training task name (repeatable), e.g. mlp-digits, mnist-mlp-sigmoid.")] = None,
-    horizon: Annotated[int, typer.Option(help="Optimizee steps per run.")] = 100,
-    unroll: Annotated[int, typer.Option(help="Steps per truncated-BPTT segment.")] = 20,
+        "--task", help="Training task name (repeatable), e.g. mlp-digits, mnist-nn-sigmoid.")] = None,
+    horizon: Annotated[int, typer.Option(
+        help="Optimizee steps per run (with --curriculum: leave out, it sets the horizons).")] = 100,
+    unroll: Annotated[int, typer.Option(
+        help="Steps per truncated-BPTT segment (<= the horizon; a curriculum stage shorter "
+             "than it is unrolled whole).")] = 20,
     iterations: Annotated[int, typer.Option(help="Meta-iterations (runs per instance batch).")] = 200,
     batch: Annotated[int, typer.Option(help="Optimizee instances trained at once.")] = 8,
     meta_lr: Annotated[float, typer.Option("--meta-lr", help="Adam learning rate on meta-weights.")] = 1e-3,
@@ -138,8 +142,9 @@ def train_cmd(
         "--convex/--no-convex",
         help="Add the random convex term (default: on for rnnprop, off for dm).")] = None,
     curriculum: Annotated[str | None, typer.Option(
-        help="Horizons to move through: 'ITER:HORIZON,...' (e.g. 0:100,200:500,400:1000), or "
-             "bare horizons spread evenly over --iterations (e.g. 100,200,500,1000).")] = None,
+        help="Horizons to move through: 'ITER:HORIZON,...' starting at iteration 0 (e.g. "
+             "0:100,200:500,400:1000), or bare horizons spread evenly over --iterations (e.g. "
+             "100,200,500,1000).")] = None,
     validate_every: Annotated[int, typer.Option(
         "--validate-every", help="Validate every K meta-iterations and keep the best (0: off).")] = 0,
     val_runs: Annotated[int, typer.Option(
@@ -148,30 +153,33 @@ def train_cmd(
         "--checkpoint-every", help="Checkpoint every K meta-iterations (for --resume).")] = 25,
     data_dir: Annotated[Path | None, typer.Option(
         "--data-dir", help="Directory with the MNIST IDX .gz files (for MNIST tasks).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed for everything.")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue from the checkpoint in --out.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing entry at --out.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the interrupted run in --out, with the same settings (--iterations may "
+             "grow).")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an existing entry, or an interrupted run, at --out.")] = False,
 ) -> None:
     """Meta-train a learned optimizer and write it to the zoo as ``--out``."""
     from autol2o.errors import UserError
-    from autol2o.zoo import CARD_FILE, WEIGHTS_FILE
+    from autol2o.meta.cli_support import resolve_device
 
-    if (out / CARD_FILE).exists() or (out / WEIGHTS_FILE).exists():
-        if not (resume or overwrite):
-            raise UserError(f"{out}: zoo entry already exists (use --resume or --overwrite)")
     if lr_schedule not in ("constant", "cosine"):
         raise UserError(f"--lr-schedule must be constant or cosine, got {lr_schedule!r}")
-    if device not in ("auto", "cpu", "cuda"):
-        raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     stages = _parse_curriculum(curriculum, iterations)
+    # the curriculum sets the horizons; --horizon has a default, so only one given on the
+    # command line can conflict (and an equal one is accepted: older cards' commands have it).
+    # Compared by name: typer >= 0.29 bundles its own click, with its own ParameterSource.
+    source = ctx.get_parameter_source("horizon")
+    if stages and horizon != stages[0][1] and source is not None and source.name != "DEFAULT":
+        raise UserError(f"--horizon {horizon} conflicts with --curriculum, which starts at "
+                        f"horizon {stages[0][1]} (the curriculum sets the horizons; drop --horizon)")
     tricks = rule == "rnnprop"  # the paper trains RNNprop with both tricks, DMoptimizer with none
     from autol2o.meta import TrainConfig, train_to_zoo
 
+    # validated here, before train_to_zoo creates anything
     config = TrainConfig(
         horizon=stages[0][1] if stages else horizon, unroll=unroll, iterations=iterations,
         meta_lr=meta_lr, lr_schedule=lr_schedule, warmup=warmup, batch=batch, seed=seed,
@@ -182,18 +190,19 @@ def train_cmd(
         validate_every=validate_every, val_runs=val_runs, checkpoint_every=checkpoint_every)
     # the canonical command (every setting explicit, --resume dropped) reproduces the entry
     argv = ["--rule", rule, *[a for t in (task or ["mlp-digits"]) for a in ("--task", t)],
-            "--horizon", horizon, "--unroll", unroll, "--iterations", iterations, "--batch", batch,
+            *(["--curriculum", ",".join(f"{i}:{h}" for i, h in stages)] if stages
+              else ["--horizon", horizon]),
+            "--unroll", unroll, "--iterations", iterations, "--batch", batch,
             "--meta-lr", meta_lr, "--lr-schedule", lr_schedule, "--warmup", warmup,
             *(["--init", init] if init else []),
             "--random-scaling" if config.random_scaling else "--no-random-scaling",
             "--convex" if config.convex_combination else "--no-convex",
-            *(["--curriculum", ",".join(f"{i}:{h}" for i, h in stages)] if stages else []),
             "--validate-every", validate_every, "--val-runs", val_runs,
             *(["--data-dir", data_dir] if data_dir else []),
             "--seed", seed, "--out", out]
     command = "autol2o zoo train " + " ".join(shlex.quote(str(a)) for a in argv)
     path = train_to_zoo(rule, list(task or ["mlp-digits"]), config, out, data_dir, device,
-                        resume, command, init=init)
+                        resume, command, init=init, overwrite=overwrite)
     typer.echo(str(path))
 
 
@@ -206,14 +215,22 @@ def _parse_curriculum(text: str | None, iterations: int) -> list[tuple[int, int]
     items = [x for x in text.replace(" ", "").split(",") if x]
     try:
         if all(":" in x for x in items):
-            stages = [(int(x.split(":")[0]), int(x.split(":")[1])) for x in items]
+            pairs = [x.split(":") for x in items]
+            if any(len(p) != 2 for p in pairs):  # e.g. 0:10:999
+                raise ValueError
+            stages = [(int(a), int(h)) for a, h in pairs]
         else:  # bare horizons: equal shares of the iterations
             stages = [(i * iterations // len(items), int(x)) for i, x in enumerate(items)]
     except ValueError:
         raise UserError(f"--curriculum must be 'ITER:HORIZON,...' or horizons, got {text!r}") from None
     if not stages or any(h <= 0 or i < 0 for i, h in stages):
         raise UserError(f"--curriculum horizons must be positive, got {text!r}")
-    return sorted(stages)
+    stages.sort()
+    # the curriculum alone sets the horizons (--horizon is refused with it), so it must say
+    # which one the first iterations use
+    if stages[0][0] != 0:
+        raise UserError(f"--curriculum must start at iteration 0, got {text!r}")
+    return stages
 
 
 def _fmt(x: Any) -> str:

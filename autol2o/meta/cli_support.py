@@ -10,29 +10,63 @@ import torch
 from ..errors import UserError
 from ..optimizers.base import RULES, build_rule
 from .tasks import build_task
-from .trainer import TrainConfig, _world, meta_train
+from .trainer import CHECKPOINT, TrainConfig, _world, meta_train
+
+
+def resolve_device(device: str) -> str:
+    """``--device``: ``auto`` (CUDA if there is one), ``cpu``, ``cuda`` or ``cuda:N``, checked
+    before anything is loaded or written."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise UserError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available")
+    return device
 
 
 def train_to_zoo(rule_name: str, task_names: list[str], config: TrainConfig, out: Path,
                  data_dir: Path | None, device: str, resume: bool, command: str,
-                 init: str | Path | None = None) -> Path:
+                 init: str | Path | None = None, overwrite: bool = False) -> Path:
     """Meta-train a ``rule_name`` rule on ``task_names`` and save it as zoo entry ``out``.
 
     The rule starts from random weights, or from zoo entry ``init`` (a name or a directory,
     checksum verified; its rule must be ``rule_name``) to continue training it.
 
     The checkpoint lives in ``out/checkpoint/`` while training (``resume=True`` continues from
-    it) and is removed once the entry is written.  Validation (if ``config.validate_every``) uses
-    the training tasks on held-out instance seeds.  Under ``torchrun`` only rank 0 writes.
-    Returns ``out``.
+    it, and needs it) and is removed once the entry is written.  An existing entry, or an
+    interrupted run's checkpoint, is only replaced with ``overwrite=True``.  Validation (if
+    ``config.validate_every``) uses the training tasks on held-out instance seeds.  Under
+    ``torchrun`` only rank 0 writes.  Returns ``out``.
     """
-    from ..zoo import load_entry, save_entry
+    from ..zoo import CARD_FILE, WEIGHTS_FILE, load_entry, save_entry
 
     if rule_name not in RULES:
         raise UserError(f"unknown learned rule {rule_name!r}; known: {', '.join(sorted(RULES))}")
     if not task_names:
         raise UserError("give at least one training task (--task NAME)")
+    device = resolve_device(device)
     out = Path(out)
+    ckpt = out / "checkpoint"
+    has_ckpt = (ckpt / CHECKPOINT).is_file()
+    # every refusal before anything is created: a refused run leaves no trace
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"{out}: " + ("exists and is a file" if existing == out
+                                      else f"{existing} is a file"))
+    if resume and not has_ckpt:
+        raise UserError(f"{ckpt}: no checkpoint to resume")
+    if not (resume or overwrite):
+        if (out / CARD_FILE).exists() or (out / WEIGHTS_FILE).exists():
+            raise UserError(f"{out}: zoo entry already exists (use --overwrite to replace it"
+                            f"{', or --resume to finish its checkpointed run' if has_ckpt else ''})")
+        if has_ckpt:
+            raise UserError(f"{ckpt}: an interrupted run's checkpoint is here (use --resume to "
+                            "continue it, or --overwrite to start over)")
     torch.manual_seed(config.seed)  # the rule's random init is part of "seeds for everything"
     rule = build_rule({"rule": rule_name})
     init_from = None
@@ -44,7 +78,8 @@ def train_to_zoo(rule_name: str, task_names: list[str], config: TrainConfig, out
         init_from = {"entry": start_card.get("name", str(init)), "sha256": start_card.get("sha256"),
                      "meta_iterations": (start_card.get("training") or {}).get("meta_iterations")}
     tasks = [build_task(name, data_dir, device) for name in task_names]
-    ckpt = out / "checkpoint"
+    if not resume:  # starting over (--overwrite): a stale checkpoint must not be resumed later
+        (ckpt / CHECKPOINT).unlink(missing_ok=True)
     _check_init(ckpt, init_from, resume)
     result = meta_train(rule, tasks, config, device=device, checkpoint_dir=ckpt, resume=resume,
                         progress=True)
@@ -70,7 +105,7 @@ def _check_init(ckpt: Path, init_from: dict | None, resume: bool) -> None:
     import json
 
     record = ckpt / "init.json"
-    if resume and (ckpt / "checkpoint.pt").is_file():
+    if resume:  # train_to_zoo made sure there is a checkpoint
         was = json.loads(record.read_text()) if record.is_file() else None
         was_sha = (was or {}).get("sha256")
         now_sha = (init_from or {}).get("sha256")

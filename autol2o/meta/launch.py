@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .cli_support import train_to_zoo
+from ..errors import UserError
+from .cli_support import resolve_device, train_to_zoo
 from .trainer import TrainConfig, meta_train
 
 
@@ -45,7 +46,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead of a zoo entry, every rank saves its final meta-weights here")
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --out (same settings)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing entry, or an interrupted run, at --out")
     p.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: keep)")
     p.add_argument("--init", help="start from this zoo entry's weights (name or directory)")
     for name, typ in (("horizon", int), ("unroll", int), ("iterations", int), ("batch", int),
@@ -55,16 +59,28 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{name}", type=typ)
     p.add_argument("--meta-loss", choices=["last", "mean"])
     p.add_argument("--convex", action="store_true")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = p.parse_args(argv)
+    try:
+        return _run(p, args, argv)
+    except UserError as exc:  # one line, as from the autol2o CLI
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _run(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world, device = init_distributed(args.device)
     kw = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in
           ("horizon", "unroll", "iterations", "batch", "meta-lr", "random-scaling", "seed",
            "validate-every", "val-runs", "checkpoint-every", "warmup", "lr-schedule",
            "meta-loss")}
+    # checked before joining the process group, so that a bad option fails every rank alike
     config = TrainConfig(**{k: v for k, v in kw.items() if v is not None},
                          convex_combination=args.convex)
+    rank, world, device = init_distributed(resolve_device(args.device))
     tasks = args.tasks or ["mlp-digits"]
     try:
         if args.dump_weights is not None:
@@ -86,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             command = "torchrun ... -m autol2o.meta.launch " + " ".join(
                 shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
             train_to_zoo(args.rule, tasks, config, args.out, args.data_dir, device, args.resume,
-                         command, init=args.init)
+                         command, init=args.init, overwrite=args.overwrite)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

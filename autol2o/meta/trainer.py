@@ -26,6 +26,7 @@ instances (sampler seed offset by rank) and meta-gradients are averaged with ``a
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import os
 import platform
@@ -69,7 +70,8 @@ class TrainConfig:
     convex_dim: int = 20          #: extra parameters of the convex term
     grad_clip: float | None = None    #: max global norm of the meta-gradient (None: no clipping)
     #: curriculum over horizons: ``(from_iteration, horizon)`` pairs (a new run uses the last
-    #: pair that has started), or plain horizons ``[h1, h2, ...]`` given equal iteration shares
+    #: pair that has started; before the first, ``horizon``), or plain horizons ``[h1, h2, ...]``
+    #: given equal iteration shares.  A stage shorter than ``unroll`` is unrolled whole.
     curriculum: tuple[tuple[int, int], ...] | list[int] | None = ()
     seed: int = 0
     validate_every: int = 0       #: meta-iterations between validations (0: never)
@@ -81,19 +83,52 @@ class TrainConfig:
     checkpoint_every: int = 0     #: meta-iterations between checkpoints (0: only at the end)
 
     def __post_init__(self):
+        # messages name the command-line option: ``zoo train`` and ``meta.launch`` share them
         if self.meta_loss not in ("last", "mean"):
             raise UserError(f"meta_loss must be 'last' or 'mean', got {self.meta_loss!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise UserError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
-        if min(self.horizon, self.unroll, self.batch, self.val_runs) < 1 or min(
-                self.iterations, self.warmup) < 0:
-            raise UserError("horizon, unroll, batch and val_runs must be >= 1, iterations and "
-                            "warmup >= 0")
+        for name, low in (("horizon", 1), ("unroll", 1), ("iterations", 1), ("batch", 1),
+                          ("val_runs", 1), ("warmup", 0), ("validate_every", 0),
+                          ("checkpoint_every", 0)):
+            if getattr(self, name) < low:
+                raise UserError(f"--{name.replace('_', '-')} must be >= {low}, "
+                                f"got {getattr(self, name)}")
+        if self.val_steps is not None and self.val_steps < 1:
+            raise UserError(f"val_steps must be >= 1, got {self.val_steps}")
+        if not (math.isfinite(self.meta_lr) and self.meta_lr > 0):  # Adam takes nan silently
+            raise UserError(f"--meta-lr must be a finite number > 0, got {self.meta_lr}")
+        if not (math.isfinite(self.random_scaling) and self.random_scaling >= 0):
+            raise UserError(f"--random-scaling must be a finite number >= 0, "
+                            f"got {self.random_scaling}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise UserError(f"grad_clip must be > 0 (or None), got {self.grad_clip}")
         cur = list(self.curriculum or ())
         if cur and all(isinstance(h, int) for h in cur):
             share = self.iterations / len(cur)
             cur = [(round(i * share), h) for i, h in enumerate(cur)]
         self.curriculum = tuple((int(a), int(b)) for a, b in cur)
+        self._check_curriculum()
+
+    def _check_curriculum(self) -> None:
+        starts = [a for a, _ in self.curriculum]
+        for a, h in self.curriculum:
+            if h < 1 or a < 0:
+                raise UserError(f"--curriculum: stage {a}:{h} needs an iteration >= 0 and a "
+                                "horizon >= 1")
+            if a >= self.iterations:  # a stage that never runs is a typo, not a plan
+                raise UserError(f"--curriculum: stage {a}:{h} starts at or after --iterations "
+                                f"{self.iterations}, so it never runs")
+            if starts.count(a) > 1:
+                raise UserError(f"--curriculum: two stages start at iteration {a}")
+        # a curriculum stage shorter than the unroll is unrolled whole (one meta-update per
+        # run: deliberate in a curriculum that starts short); an unroll no run reaches is a typo
+        used = [h for _, h in self.curriculum]
+        if not self.curriculum or min(starts) > 0:  # ``horizon`` runs before the first stage
+            used.append(self.horizon)
+        longest = max(used)
+        if self.unroll > longest:
+            raise UserError(f"--unroll {self.unroll} must be <= the horizon ({longest})")
 
     def horizon_at(self, iteration: int) -> int:
         h = self.horizon
@@ -305,7 +340,8 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
     ``config.validate_every > 0``, else the final ones.  The starting weights are validated too
     and are a candidate (iteration 0), so a warm start never comes back worse on validation.  With
     ``checkpoint_dir``, a checkpoint is written every ``config.checkpoint_every`` iterations and at
-    the end (rank 0 only); ``resume=True`` continues from it exactly.
+    the end (rank 0 only); ``resume=True`` continues from it exactly (or starts fresh if there
+    is none), refusing a checkpoint made with other tasks, data, rule or settings.
     """
     tasks = [tasks] if isinstance(tasks, Task) else list(tasks)
     if not tasks:
@@ -327,26 +363,14 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
     run: _Run | None = None
 
     ckpt_path = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    # what the run trains, saved with every checkpoint so that a resume cannot swap it
+    ident = _identity(rule, tasks, val_tasks) if ckpt_path is not None else {}
     if resume and ckpt_path is not None and ckpt_path.is_file():
         try:
             ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file is a user-facing error
             raise UserError(f"{ckpt_path}: cannot load checkpoint ({exc})") from None
-        # checkpoints from before a config field existed hold its default
-        saved_cfg = {**TrainConfig().to_dict(), **ck["config"]}
-        saved = {k: v for k, v in saved_cfg.items() if k not in _RESUMABLE}
-        now = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}
-        if config.lr_schedule == "cosine" and saved_cfg["iterations"] != config.iterations:
-            raise UserError(f"{ckpt_path}: a cosine schedule is laid out over its iterations "
-                            f"({saved_cfg['iterations']}); resuming with {config.iterations} "
-                            "would jump the learning rate; use a new checkpoint directory")
-        if saved != now:
-            diff = sorted(k for k in now if saved.get(k) != now[k])
-            raise UserError(f"{ckpt_path}: checkpoint was made with a different config "
-                            f"({', '.join(diff)}); use a new checkpoint directory")
-        if len(ck["sampler"]) != world:
-            raise UserError(f"{ckpt_path}: checkpoint was made with {len(ck['sampler'])} "
-                            f"process(es), this run has {world}")
+        _check_resume(ck, ckpt_path, config, ident, world)
         rule.load_state_dict(ck["rule"])
         meta_opt.load_state_dict(ck["meta_opt"])
         sampler.set_state(ck["sampler"][rank])
@@ -368,7 +392,7 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
             return
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({"config": config.to_dict(), "rule": rule.state_dict(),
+        torch.save({**ident, "config": config.to_dict(), "rule": rule.state_dict(),
                     "meta_opt": meta_opt.state_dict(), "sampler": states, "runs": snaps,
                     "iteration": iteration, "diverged": diverged,
                     "wall_time": elapsed + time.perf_counter() - t_start, "history": history,
@@ -468,8 +492,70 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
                            best["iteration"])
 
 
-#: config fields that may change between a checkpoint and its resumption
-_RESUMABLE = {"iterations", "validate_every", "checkpoint_every"}
+#: config fields that may change between a checkpoint and its resumption (not validate_every,
+#: val_*: they define which weights are "best", and the best so far is in the checkpoint)
+_RESUMABLE = {"iterations", "checkpoint_every"}
+
+
+def _identity(rule: LearnedRule, tasks: list[Task], val_tasks: list[Task]) -> dict[str, Any]:
+    """The rule, tasks and training data a checkpoint was made with (see :func:`_check_resume`)."""
+    return {"rule_config": rule.config(), "tasks": [t.spec for t in tasks],
+            "val_tasks": [t.spec for t in val_tasks], "data": [_data_id(t) for t in tasks]}
+
+
+def _data_id(task: Task) -> str | None:
+    """Fingerprint of a task's dataset.  The spec names the dataset but ``--data-dir`` picks the
+    files, which may move between machines; what must not change on resume is their content."""
+    tensors = [getattr(task, k, None) for k in ("x", "y")]
+    if not all(isinstance(t, Tensor) for t in tensors):
+        return None  # generated data (quadratic, sin-lstm): fixed by the spec
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())  # any dtype
+    return h.hexdigest()[:16]
+
+
+def _check_resume(ck: dict[str, Any], path: Path, config: TrainConfig, ident: dict[str, Any],
+                  world: int) -> None:
+    """Refuse to resume checkpoint ``ck`` with anything that would make the result a mix of two
+    runs.  Fields missing from older checkpoints are not checked."""
+    def names(specs: list[dict[str, Any]]) -> str:
+        return ", ".join(str(s.get("name", s.get("kind"))) for s in specs)
+
+    for key, label in (("tasks", "tasks"), ("val_tasks", "validation tasks")):
+        if key in ck and ck[key] != ident[key]:
+            was, now = names(ck[key]), names(ident[key])
+            if was == now:  # same names, other settings: show them
+                was, now = ck[key], ident[key]
+            raise UserError(f"{path}: checkpoint was made with {label} {was}; got {now}")
+    if "rule_config" in ck and ck["rule_config"] != ident["rule_config"]:
+        was, now = ck["rule_config"], ident["rule_config"]
+        if was.get("rule") != now.get("rule"):  # another rule: its name says enough
+            was, now = was.get("rule"), now.get("rule")
+        raise UserError(f"{path}: checkpoint was made with rule {was}; got {now}")
+    for spec, was, now in zip(ck.get("tasks", []), ck.get("data", []), ident["data"]):
+        if was != now:
+            raise UserError(f"{path}: task {spec.get('name')}'s training data differs from the "
+                            "checkpoint's (another --data-dir?)")
+    # checkpoints from before a config field existed hold its default
+    saved_cfg = {**TrainConfig().to_dict(), **ck["config"]}
+    saved = {k: v for k, v in saved_cfg.items() if k not in _RESUMABLE}
+    now_cfg = {k: v for k, v in config.to_dict().items() if k not in _RESUMABLE}
+    if config.lr_schedule == "cosine" and saved_cfg["iterations"] != config.iterations:
+        raise UserError(f"{path}: a cosine schedule is laid out over its iterations "
+                        f"({saved_cfg['iterations']}); resuming with {config.iterations} "
+                        "would jump the learning rate; use a new checkpoint directory")
+    if saved != now_cfg:
+        diff = ", ".join(f"{k} {saved.get(k)} -> {now_cfg[k]}" for k in sorted(now_cfg)
+                         if saved.get(k) != now_cfg[k])
+        raise UserError(f"{path}: checkpoint was made with a different config ({diff}); resume "
+                        "with the same settings or use a new checkpoint directory")
+    if config.iterations < ck["iteration"]:
+        raise UserError(f"{path}: checkpoint is at iteration {ck['iteration']}; --iterations "
+                        f"{config.iterations} is below it")
+    if len(ck["sampler"]) != world:
+        raise UserError(f"{path}: checkpoint was made with {len(ck['sampler'])} "
+                        f"process(es), this run has {world}")
 
 
 def _unroll(run: _Run, rule: LearnedRule, steps: int, meta_loss: str) -> Tensor:
