@@ -339,3 +339,13 @@ def test_launch_shares_the_checks_and_reports_one_line(tmp_path, capsys):
     assert launch.main(base) == 2  # an existing entry is only replaced with --overwrite
     assert "already exists (use --overwrite" in capsys.readouterr().err
     assert launch.main([*base, "--overwrite"]) == 0
+
+
+def test_log_loss_meta_objective_is_the_log_of_the_plain_one():
+    task = build_task("quadratic")
+    hist = {}
+    for log in (False, True):
+        cfg = TrainConfig(horizon=10, unroll=5, iterations=1, batch=1, seed=3, log_loss=log)
+        hist[log] = meta_train(_rule(), task, cfg, progress=False).history[0]["meta_loss"]
+    # same run, same first segment: only the objective's scale differs
+    assert hist[True] == pytest.approx(math.log(hist[False]), rel=1e-5)

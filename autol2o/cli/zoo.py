@@ -141,6 +141,9 @@ def train_cmd(
     convex: Annotated[bool | None, typer.Option(
         "--convex/--no-convex",
         help="Add the random convex term (default: on for rnnprop, off for dm).")] = None,
+    log_loss: Annotated[bool, typer.Option(
+        "--log-loss/--no-log-loss",
+        help="Meta-train on log(loss), so tasks on different loss scales weigh alike.")] = False,
     curriculum: Annotated[str | None, typer.Option(
         help="Horizons to move through: 'ITER:HORIZON,...' starting at iteration 0 (e.g. "
              "0:100,200:500,400:1000), or bare horizons spread evenly over --iterations (e.g. "
@@ -184,7 +187,7 @@ def train_cmd(
         horizon=stages[0][1] if stages else horizon, unroll=unroll, iterations=iterations,
         meta_lr=meta_lr, lr_schedule=lr_schedule, warmup=warmup, batch=batch, seed=seed,
         curriculum=tuple(stages),
-        meta_loss="mean" if rule == "dm" else "last",
+        meta_loss="mean" if rule == "dm" else "last", log_loss=log_loss,
         random_scaling=3.0 if (tricks if random_scaling is None else random_scaling) else 0.0,
         convex_combination=tricks if convex is None else convex,
         validate_every=validate_every, val_runs=val_runs, checkpoint_every=checkpoint_every)
@@ -197,6 +200,7 @@ def train_cmd(
             *(["--init", init] if init else []),
             "--random-scaling" if config.random_scaling else "--no-random-scaling",
             "--convex" if config.convex_combination else "--no-convex",
+            *(["--log-loss"] if log_loss else []),
             "--validate-every", validate_every, "--val-runs", val_runs,
             *(["--data-dir", data_dir] if data_dir else []),
             "--seed", seed, "--out", out]

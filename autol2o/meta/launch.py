@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{name}", type=typ)
     p.add_argument("--meta-loss", choices=["last", "mean"])
     p.add_argument("--convex", action="store_true")
+    p.add_argument("--log-loss", action="store_true", help="meta-train on log(loss)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = p.parse_args(argv)
     try:
@@ -79,7 +80,7 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] |
            "meta-loss")}
     # checked before joining the process group, so that a bad option fails every rank alike
     config = TrainConfig(**{k: v for k, v in kw.items() if v is not None},
-                         convex_combination=args.convex)
+                         convex_combination=args.convex, log_loss=args.log_loss)
     rank, world, device = init_distributed(resolve_device(args.device))
     tasks = args.tasks or ["mlp-digits"]
     try:

@@ -65,6 +65,10 @@ class TrainConfig:
     warmup: int = 0
     batch: int = 8                #: optimizee instances per run (B), served by one rule call
     meta_loss: str = "last"       #: "last" (RNNprop) or "mean" (DMoptimizer)
+    #: meta-train on log(loss) instead of the loss: with several tasks, one whose loss is 50x
+    #: larger (an MLP's cross-entropy beside a regression's MSE) otherwise dominates the
+    #: meta-gradient; on the log scale every task's *relative* progress weighs the same
+    log_loss: bool = False
     random_scaling: float = 0.0   #: r of the random scaling trick; 0 disables it (paper: 3)
     convex_combination: bool = False  #: add the convex-combination term
     convex_dim: int = 20          #: extra parameters of the convex term
@@ -420,6 +424,8 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
             meta_opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 per_instance = _unroll(run, rule, steps, config.meta_loss)
+                if config.log_loss:
+                    per_instance = per_instance.clamp_min(1e-30).log()
                 meta_loss = per_instance.mean()
                 ok = bool(torch.isfinite(meta_loss))
                 if ok:
@@ -475,6 +481,7 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
             "curriculum": [list(p) for p in config.curriculum],
             "max_horizon": config.max_horizon,
             "meta_iterations": iteration, "meta_loss": config.meta_loss,
+            "log_loss": config.log_loss,
             "meta_optimizer": "adam", "meta_lr": config.meta_lr,
             "lr_schedule": config.lr_schedule, "warmup": config.warmup, "grad_clip": config.grad_clip,
             "batch": config.batch, "world_size": world, "seed": config.seed,
