@@ -207,10 +207,11 @@ def test_gradients_are_detached_in_differentiable_mode():
 # -- the torch.optim adapter ------------------------------------------------------------------
 @pytest.mark.parametrize("scale", [1e-3, 1e3])
 def test_rnnprop_updates_invariant_to_loss_scale(scale):
-    """Multiplying the loss by c > 0 leaves every update unchanged (up to eps = 1e-8 in s).
+    """Multiplying the loss by c > 0 leaves every update unchanged while |g| >> eps = 1e-8.
 
-    The base loss is scaled so that even the smallest gradient stays >= 1e-3 at c = 1e-3, where
-    eps is negligible (eps/s <= 1e-5); float64 keeps rounding out of the comparison.
+    Invariance holds only in that regime (see the RNNprop docstring): the base loss is scaled so
+    that the smallest gradient seen is ~5e-4 at c = 1e-3 (eps/|g| <= 2e-5); float64 keeps
+    rounding out of the comparison.
     """
     rule = _rules()[0]
     g = torch.Generator().manual_seed(5)
@@ -238,6 +239,16 @@ def test_rnnprop_features_exactly_invariant_without_eps():
         f1, m, v = rnnprop_features(g * t, m, v, step, 0.95, 0.95, 1e-300)
         f2, mc, vc = rnnprop_features(1e-3 * g * t, mc, vc, step, 0.95, 0.95, 1e-300)
         assert torch.allclose(f1, f2, rtol=1e-12, atol=0)
+
+
+def test_rnnprop_features_not_invariant_for_gradients_near_eps():
+    """The documented limit: with eps = 1e-8, gradients ~1e-8 give visibly smaller features."""
+    g = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    zeros, step = torch.zeros(2, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    big, _, _ = rnnprop_features(g, zeros, zeros, step, 0.95, 0.95, 1e-8)
+    tiny, _, _ = rnnprop_features(1e-8 * g, zeros, zeros, step, 0.95, 0.95, 1e-8)
+    assert torch.allclose(big, torch.tensor([[1.0, 1.0], [-1.0, -1.0]], dtype=torch.float64))
+    assert torch.allclose(tiny, big / 2)  # s = |g| + eps = 2|g|
 
 
 @pytest.mark.parametrize("rule_idx", [0, 1])
@@ -309,6 +320,95 @@ def test_params_without_grad_are_skipped_and_keep_their_own_step_count():
     assert torch.allclose(w1, r1, atol=1e-6) and torch.allclose(w2, r2, atol=1e-6)
 
 
+@pytest.mark.parametrize("rule_idx", [0, 1])
+def test_adapter_matches_reference_path_per_parameter(rule_idx):
+    """Ground truth: each parameter alone through the plain reference equations.
+
+    A small ``chunk_size`` makes the adapter step the 40-element parameter alone (in place) and
+    batch the others (state copied in and out), with gradients switched off and on so that step
+    counts differ within a batch.
+    """
+    rule = _rules()[rule_idx].double()
+    rule.chunk_size = 16
+    update_fn = rnnprop_update if isinstance(rule, RNNprop) else dm_update
+    torch.manual_seed(0)
+    shapes = [(40,), (5,), (7, 1), (3,), (9,), (), (0, 2)]
+    params = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in shapes]
+    opt = LearnedOptimizer(params, rule)
+    theta = [p.detach().clone().reshape(-1) for p in params]
+    states = [rule.init_state(t.numel(), dtype=torch.float64) for t in theta]
+    for t in range(6):
+        for i, p in enumerate(params):
+            skip = (i + t) % 3 == 0
+            p.grad = None if skip else torch.randn_like(p) * 10.0 ** ((i + t) % 5 - 2)
+            if not skip:
+                with torch.no_grad():
+                    u, states[i] = update_fn(rule, p.grad.reshape(-1), states[i], reference=True)
+                theta[i] += u
+        opt.step()
+    for p, want, st in zip(params, theta, states):
+        assert torch.allclose(p.detach().reshape(-1), want, atol=1e-12, rtol=0)
+        for k in rule.state_layout:
+            assert torch.allclose(opt.state[p][k], st[k], atol=1e-12, rtol=0), k
+        assert opt.state[p]["step"].item() == st["step"].item()
+
+
+def test_skipped_param_state_owns_its_memory_and_checkpoint_stays_small():
+    """State of a parameter without grad is its own, not a view that pins other state, and the
+    state of the others is not copied when the set of parameters with grads changes."""
+    big = torch.zeros(20000, requires_grad=True)
+    small = torch.zeros(10, requires_grad=True)
+    opt = LearnedOptimizer([big, small], _rules()[0])
+    big.grad, small.grad = torch.ones_like(big), torch.ones_like(small)
+    opt.step()
+    ptrs = {k: t.data_ptr() for k, t in opt.state[big].items()}
+    for t in range(4):
+        small.grad = None if t % 2 == 0 else torch.ones_like(small)
+        opt.step()
+    assert ptrs == {k: t.data_ptr() for k, t in opt.state[big].items()}
+    for p in (big, small):
+        for t in opt.state[p].values():
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    floats = 82 * (big.numel() + small.numel())
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    assert 4 * floats < buf.tell() < 4 * floats + 20_000  # + pickle/zip overhead
+    buf = io.BytesIO()
+    torch.save(opt.state_dict()["state"][1], buf)
+    assert buf.tell() < 4 * 82 * small.numel() + 20_000
+
+
+def _stepped(rule, numel=4):
+    w = torch.ones(numel, requires_grad=True)
+    opt = LearnedOptimizer([w], rule)
+    w.grad = torch.ones_like(w)
+    opt.step()
+    return opt
+
+
+def test_load_state_dict_refuses_state_that_does_not_fit():
+    rnnprop, dm = _rules()
+    cases = [
+        (_stepped(rnnprop).state_dict(), dm, 4, "keys .*'m'.* rule 'dm'"),
+        (_stepped(dm).state_dict(), rnnprop, 4, "keys .* rule 'rnnprop' keeps .*'m'"),
+        (_stepped(rnnprop).state_dict(), rnnprop, 5, "parameter 0 has shape \\(4,\\), expected \\(5,\\)"),
+        (_stepped(RNNprop(hidden=8)).state_dict(), rnnprop, 4, "'h' of parameter 0 has shape"),
+    ]
+    w = torch.ones(4, requires_grad=True)
+    adam = torch.optim.Adam([w])
+    w.grad = torch.ones_like(w)
+    adam.step()
+    cases.append((adam.state_dict(), rnnprop, 4, "exp_avg"))
+    for sd, rule, numel, match in cases:
+        opt = _stepped(rule, numel)
+        before = {k: t.clone() for k, t in opt.state[opt.param_groups[0]["params"][0]].items()}
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(sd)
+        after = opt.state[opt.param_groups[0]["params"][0]]
+        assert all(torch.equal(after[k], t) for k, t in before.items())  # left unchanged
+        assert opt.param_groups[0]["lr"] == 1.0 and "betas" not in opt.param_groups[0]
+
+
 def test_state_is_zero_copy_between_steps():
     rule = _rules()[0]
     m = _mlp()
@@ -370,10 +470,20 @@ def test_bad_arguments_raise_value_errors():
         LearnedOptimizer([w], 3)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         LearnedOptimizer([], RNNprop())
-    i = torch.zeros(2, dtype=torch.long)
-    i.grad = torch.zeros(2, dtype=torch.long)
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.complex64])
+def test_non_float_params_refused_up_front(dtype):
+    w = torch.zeros(2, requires_grad=True)
+    bad = torch.zeros(2, dtype=dtype)
+    with pytest.raises(ValueError, match="floating-point"):
+        LearnedOptimizer([w, bad], RNNprop())
     opt = LearnedOptimizer([w], RNNprop())
-    opt.param_groups[0]["params"].append(i)
+    with pytest.raises(ValueError, match="floating-point"):
+        opt.add_param_group({"params": [bad]})
+    assert len(opt.param_groups) == 1  # the refused group was not added
+    opt.param_groups[0]["params"].append(bad)  # bypassing add_param_group: caught at step
+    bad.grad = torch.zeros_like(bad)
     with pytest.raises(ValueError, match="floating-point"):
         opt.step()
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+import math
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -12,6 +13,10 @@ from torch import Tensor
 from .base import LearnedRule
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_Item = tuple[Tensor, dict[str, Any]]  # (parameter, its param group)
+#: parameters with at least this many coordinates are stepped alone, on their own state in place;
+#: for smaller ones a network call costs more than copying their state into a batch and back
+_ALONE = 2048
 
 
 def state_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
@@ -25,7 +30,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     """Apply a learned update rule (RNNprop, DMoptimizer, ...) to ordinary parameters.
 
     Args:
-        params: iterable of tensors or of dicts (param groups).
+        params: iterable of floating-point tensors or of dicts (param groups).
         rule: a :class:`~autol2o.optimizers.base.LearnedRule` (its meta-weights are copied and
             frozen, so later meta-training of ``rule`` does not change this optimizer), or the name
             of a zoo entry / path to one.
@@ -33,15 +38,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
             Per group.
         weight_decay: decoupled weight decay, ``theta -= lr * weight_decay * theta``. Per group.
 
-    Every step, all coordinates of all parameters that have a gradient go through the network as
-    one batch per (device, state dtype).  Parameters whose ``grad`` is ``None`` are skipped and
-    their state does not advance.
+    Each parameter owns its state (``self.state[p]``, allocated at its first step).  A parameter
+    of at least 2048 coordinates (or ``rule.chunk_size``, if smaller) goes through the network
+    alone, its state updated in place; smaller ones are batched, per (device, state dtype), into
+    runs of at most ``chunk_size`` coordinates whose state is copied in and back out.  Parameters
+    whose ``grad`` is ``None`` are skipped and their state does not advance.
 
     Memory: for ``rule.state_floats_per_coordinate()`` = k floats per coordinate (RNNprop: m, v
     and 2x2x20 LSTM state = 82; DMoptimizer: 80), the state costs ``4k`` bytes per float32
     parameter (328 B for RNNprop, i.e. 82x the parameter itself; ``8k`` for float64).  Half
-    precision parameters keep float32 state.  A step additionally needs transient activations of
-    about ``chunk_size * 400`` floats (the network runs in chunks of ``rule.chunk_size`` rows).
+    precision parameters keep float32 state.  A step additionally needs about
+    ``chunk_size * (400 + 2k)`` floats of activations and batched state, plus a few floats per
+    coordinate of the largest parameter for the input features.
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -59,8 +67,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         self.rule = copy.deepcopy(rule).requires_grad_(False).eval()
         self._nets: dict[tuple[torch.device, torch.dtype], LearnedRule] = {}
-        # (device, dtype) -> (params, flat state); per-parameter state entries are views into it
-        self._flat: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], dict[str, Tensor]]] = {}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """As ``torch.optim``; non-floating-point parameters are refused (``ValueError``)."""
+        super().add_param_group(param_group)
+        try:
+            for p in self.param_groups[-1]["params"]:
+                state_dtype_for(p.dtype)
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     # -- helpers -----------------------------------------------------------------------------
     def _net(self, device: torch.device, dtype: torch.dtype) -> LearnedRule:
@@ -69,35 +85,34 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self._nets[key] = copy.deepcopy(self.rule).to(device=device, dtype=dtype)
         return self._nets[key]
 
-    def _flat_state(self, key: tuple[torch.device, torch.dtype], params: list[Tensor]) -> dict[str, Tensor]:
-        """The bucket's state as flat tensors; per-parameter state becomes views into them.
+    def _update(self, items: list[_Item], sdtype: torch.dtype) -> None:
+        """One network call for ``items`` (parameter, group), then the parameter updates.
 
-        Steady state (same parameters as last step, state untouched) costs no copy at all.
+        A single parameter's own state tensors are passed, and updated in place; for several,
+        their state is concatenated for the call and copied back afterwards.
         """
+        params = [p for p, _ in items]
+        device = params[0].device
         layout = self.rule.state_layout
-        cached = self._flat.get(key)
-        if cached is not None and len(cached[0]) == len(params) and all(
-            a is b for a, b in zip(cached[0], params)
-        ):
-            flat = cached[1]
-            if all(self._is_view(flat, self.state[p], off, p.numel())
-                   for p, off in zip(params, _offsets(params))):
-                return flat
-        flat = {k: torch.cat([self.state[p][k] for p in params], dim=dim)
-                for k, dim in layout.items()}
-        for p, off in zip(params, _offsets(params)):
-            for k, dim in layout.items():
-                self.state[p][k] = flat[k].narrow(dim, off, p.numel())
-        self._flat[key] = (list(params), flat)
-        return flat
-
-    def _is_view(self, flat: dict[str, Tensor], st: dict[str, Tensor], off: int, n: int) -> bool:
-        for k, dim in self.rule.state_layout.items():
-            view = flat[k].narrow(dim, off, n)
-            t = st[k]
-            if t.data_ptr() != view.data_ptr() or t.shape != view.shape or t.stride() != view.stride():
-                return False
-        return True
+        states = [self.state[p] for p in params]
+        flat = {k: _cat([s[k] for s in states], dim) for k, dim in layout.items()}
+        grad = _cat([p.grad.reshape(-1).to(sdtype) for p in params])
+        steps = [s["step"] for s in states]
+        if all(bool(s == steps[0]) for s in steps):
+            step = steps[0].to(device=device, dtype=sdtype)
+        else:
+            step = torch.cat([s.to(device=device, dtype=sdtype).expand(p.numel())
+                              for s, p in zip(steps, params)])
+        update, _ = self._net(device, sdtype)(grad, dict(flat, step=step))  # updates `flat`
+        sizes = [p.numel() for p in params]
+        for (p, group), st, u, off in zip(items, states, update.split(sizes), _offsets(params)):
+            if len(states) > 1:
+                for k, dim in layout.items():
+                    st[k].copy_(flat[k].narrow(dim, off, p.numel()))
+            st["step"] += 1
+            if group["weight_decay"] != 0:
+                p.mul_(1.0 - group["lr"] * group["weight_decay"])
+            p.add_(u.view_as(p).to(p.dtype), alpha=group["lr"])
 
     # -- torch.optim API ---------------------------------------------------------------------
     @torch.no_grad()
@@ -107,7 +122,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        buckets: dict[tuple[torch.device, torch.dtype], list[tuple[Tensor, dict[str, Any]]]] = {}
+        buckets: dict[tuple[torch.device, torch.dtype], list[_Item]] = {}
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -121,35 +136,28 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     st.update({k: v for k, v in fresh.items() if k != "step"})
                     st["step"] = torch.zeros((), dtype=torch.float32)
                 buckets.setdefault((p.device, sdtype), []).append((p, group))
-        for (device, sdtype), items in buckets.items():
-            params = [p for p, _ in items]
-            flat = self._flat_state((device, sdtype), params)
-            grad = torch.cat([p.grad.reshape(-1).to(sdtype) for p in params])
-            steps = [self.state[p]["step"] for p in params]
-            if all(bool(s == steps[0]) for s in steps):
-                step = steps[0].to(device=device, dtype=sdtype)
-            else:
-                step = torch.cat([s.to(device=device, dtype=sdtype).expand(p.numel())
-                                  for s, p in zip(steps, params)])
-            state = dict(flat, step=step)
-            update, _ = self._net(device, sdtype)(grad, state)  # updates `flat` in place
-            for (p, group), u in zip(items, update.split([p.numel() for p in params])):
-                self.state[p]["step"] += 1
-                if group["weight_decay"] != 0:
-                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.add_(u.view_as(p).to(p.dtype), alpha=group["lr"])
+        rows = self.rule.chunk_size if self.rule.chunk_size > 0 else math.inf
+        for (_, sdtype), items in buckets.items():
+            for batch in _batches(items, min(_ALONE, rows), rows):
+                self._update(batch, sdtype)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state; tensors keep the state dtype (float32 for half-precision parameters).
 
+        State that does not fit the rule (other keys, e.g. another rule's or Adam's) or the
+        parameter (shape) raises ``ValueError`` and leaves the optimizer unchanged.
         ``torch.optim`` casts state to the parameter dtype, which would round float32 state of
         bf16 parameters; the saved tensors are therefore restored exactly afterwards.
         """
         saved = state_dict["state"]
-        super().load_state_dict(state_dict)
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
+        if len(ids) == len(params):  # else torch.optim raises its own ValueError
+            for n, (i, p) in enumerate(zip(ids, params)):
+                if i in saved:
+                    self._check_state(n, p, saved[i])
+        super().load_state_dict(state_dict)
         for i, p in zip(ids, params):
             if i in saved:
                 sdtype = state_dtype_for(p.dtype)
@@ -158,7 +166,41 @@ class LearnedOptimizer(torch.optim.Optimizer):
                         else v.to(dtype=torch.float32).clone())
                     for k, v in saved[i].items()
                 }
-        self._flat.clear()
+
+    def _check_state(self, n: int, p: Tensor, st: dict[str, Any]) -> None:
+        want = self.rule.init_state(p.numel(), device="meta")
+        if set(st) != set(want):
+            raise ValueError(f"loaded state of parameter {n} has keys {sorted(st)}, but rule "
+                             f"{self.rule.name!r} keeps {sorted(want)}")
+        for k, t in want.items():
+            shape = tuple(st[k].shape) if isinstance(st[k], Tensor) else None
+            if shape != tuple(t.shape):
+                raise ValueError(f"loaded state {k!r} of parameter {n} has shape {shape}, expected "
+                                 f"{tuple(t.shape)} for a parameter of {p.numel()} elements")
+
+
+def _batches(items: list[_Item], alone: float, rows: float) -> Iterator[list[_Item]]:
+    """Parameters of ``alone`` coordinates or more one by one, smaller ones in runs of at most
+    ``rows`` coordinates (``alone <= rows``)."""
+    batch: list[_Item] = []
+    n = 0
+    for item in items:
+        size = item[0].numel()
+        if size >= alone:
+            yield [item]
+            continue
+        if n + size > rows:
+            yield batch
+            batch, n = [], 0
+        batch.append(item)
+        n += size
+    if batch:
+        yield batch
+
+
+def _cat(tensors: list[Tensor], dim: int = 0) -> Tensor:
+    """``torch.cat`` that returns a lone tensor itself rather than a copy."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
 
 
 def _offsets(params: list[Tensor]) -> list[int]:

@@ -6,13 +6,17 @@ Per coordinate, with gradient g at step t (moments start at zero, b1 = b2 = 0.95
     m_t = b1 m_{t-1} + (1 - b1) g            v_t = b2 v_{t-1} + (1 - b2) g^2
     m^_t = m_t / (1 - b1^t)                  v^_t = v_t / (1 - b2^t)
     s_t = sqrt(v^_t) + eps                   (eps = 1e-8, outside the square root)
-    x_t = [g / s_t, m^_t / s_t]              (both invariant to scaling the loss by c > 0)
+    x_t = [g / s_t, m^_t / s_t]
     z_t = ELU(W_in x_t + b_in)               (Linear 2 -> 20)
     y_t, (h_t, c_t) = LSTM_2x20(z_t, (h_{t-1}, c_{t-1}))
     theta_t = theta_{t-1} - 0.1 tanh(W_out y_t + b_out)
 
 so no coordinate moves by more than ``out_scale`` = 0.1 in one step.  State per coordinate:
 m, v and the LSTM's h, c for 2 layers of 20 units: 2 + 2*2*20 = 82 floats.
+
+Scaling the loss by c > 0 scales g, m^_t and sqrt(v^_t) by c, so x_t is invariant up to eps: the
+relative change is about eps / sqrt(v^_t).  The updates are therefore scale-invariant only while
+gradients stay well above eps (|g| >> 1e-8); tiny ones (e.g. a loss scaled by 1e-5) change them.
 """
 
 from __future__ import annotations
