@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -278,3 +279,24 @@ def test_cli_defaults_match_the_library():
     for name in ("steps", "trials", "seeds", "fine_tune", "batch_size", "n_jobs", "seed"):
         assert params[name].default == getattr(cfg, name), name
     assert params["probe"].default == cfg.probe_fraction
+
+
+def test_verdict_significance_is_welchs_t_test():
+    import statistics
+
+    from scipy import stats
+
+    from autol2o.fit.pipeline import welch
+
+    win, other = [0.100, 0.104, 0.098], [0.113, 0.109, 0.130]
+    gap = statistics.fmean(other) - statistics.fmean(win)
+    v = welch(gap, statistics.stdev(win), 3, statistics.stdev(other), 3)
+    ref = stats.ttest_ind(other, win, equal_var=False)
+    assert v["p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
+    # 2 standard errors would call this gap real; with ~2.5 degrees of freedom it is not
+    se = math.sqrt(statistics.variance(win) / 3 + statistics.variance(other) / 3)
+    assert gap > 2 * se and not v["significant"] and v["noise"] > gap
+    # the same means with 8 seeds each and the same spread: now it is
+    v8 = welch(gap, statistics.stdev(win), 8, statistics.stdev(other), 8)
+    assert v8["significant"] and v8["p_value"] < 0.05 and v8["noise"] < gap
+    assert welch(0.01, 0.0, 2, 0.0, 2)["significant"]            # identical seeds: no noise

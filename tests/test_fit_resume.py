@@ -67,6 +67,11 @@ def test_interrupt_then_resume(tmp_path, capsys, monkeypatch):
     assert r["status"] == "complete" and r["verdict"]["winner"]
     assert r["config"]["threads"] == 1 and r["config"]["steps"] == 20
     assert r["race"] == state["phases"]["race"]
+    # the race's probe curves are still in metrics.csv although the race was not re-run
+    race_rows = [ln for ln in (run / "metrics.csv").read_text().splitlines()
+                 if ln.startswith("race,")]
+    n_points = sum(len(e["curve"]["steps"]) for e in r["race"]["entries"] if "curve" in e)
+    assert n_points > 0 and len(race_rows) == n_points
     t = r["tuning"]["sgd"]
     assert t["n_trials"] == 4 and t["n_failed"] == 1
     assert t["n_complete"] + t["n_pruned"] == 3

@@ -109,7 +109,7 @@ def print_leaderboard(report: dict) -> None:
         table.add_column(col, justify="right" if col in ("rank", "val loss", "val acc") else "left")
     for r in report["leaderboard"]:
         conf = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                         for k, v in r["params"].items()) or "learned, no tuning"
+                         for k, v in r["params"].items()) or "learned: no hyperparameters"
         loss = "diverged" if r["val_loss_mean"] is None else \
             _pm(r["val_loss_mean"], r["val_loss_std"])
         acc = "-" if r["val_acc_mean"] is None else _pm(r["val_acc_mean"], r["val_acc_std"])

@@ -14,7 +14,7 @@ Phases (each resumable from the run directory's ``state.json`` and the Optuna st
 4. **finals**: the learned optimizer and each baseline's best configuration, ``seeds`` fresh
    seeds each (``seed + 1 ... seed + seeds``: not the seed the race and the trials were selected
    on, so selection does not bias the comparison);
-5. **verdict**: winner, whether the gap exceeds seed noise, compute spent per side.
+5. **verdict**: winner, whether the gap exceeds seed noise (Welch t-test), compute spent per side.
 
 Ctrl-C writes a partial report (``status = "interrupted"``) and keeps the run directory;
 ``resume=True`` continues: the race and fine-tune results are read back, the studies run only
@@ -251,6 +251,8 @@ class FitRun:
         cfg, ph = self.cfg, self.state["phases"]
         if "race" in ph:
             r = ph["race"]
+            # the probe curves feed metrics.csv: a resumed run must write the same file
+            self.race_runs = [RunResult.from_dict(e["curve"]) for e in r["entries"] if "curve" in e]
             return load_rule(r["picked_path"]), r["picked"]
         t0 = time.perf_counter()
         if cfg.optimizer:
@@ -564,7 +566,8 @@ class FitRun:
 
     def _verdict(self, board: list[dict[str, Any]], tuning: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, Any] = {"winner": None, "runner_up": None, "gap": None, "noise": None,
-                               "significant": None, "summary": "no finals were run"}
+                               "p_value": None, "significant": None,
+                               "summary": "no finals were run"}
         ranked = [r for r in board if r["val_loss_mean"] is not None]
         learned = next((r for r in board if r["kind"] == "learned"), None)
         ph = self.state["phases"]
@@ -613,12 +616,11 @@ class FitRun:
             gap = r["val_loss_mean"] - w["val_loss_mean"]
             out.update(runner_up=r["name"], gap=gap)
             if w["n_seeds"] > 1 and r["n_seeds"] > 1:
-                # two standard errors of the difference of the two seed means
-                noise = 2 * math.sqrt(w["val_loss_std"] ** 2 / w["n_seeds"] +
-                                      r["val_loss_std"] ** 2 / r["n_seeds"])
-                out.update(noise=noise, significant=gap > noise)
-        sig = {True: "the gap exceeds seed noise", False: "the gap is within seed noise",
-               None: "seed noise cannot be assessed with one seed"}[out["significant"]]
+                out.update(welch(gap, w["val_loss_std"], w["n_seeds"], r["val_loss_std"],
+                                 r["n_seeds"]))
+        sig = ("seed noise cannot be assessed with one seed" if out["significant"] is None else
+               f"the gap {'exceeds' if out['significant'] else 'is within'} seed noise "
+               f"(Welch t-test over {w['n_seeds']} seeds, p = {out['p_value']:.2g})")
         text = f"{w['name']} wins with validation loss {_fmt(w['val_loss_mean'])}"
         if out["runner_up"]:
             text += f", {_fmt(out['gap'])} ahead of {out['runner_up']}; {sig}"
@@ -628,14 +630,38 @@ class FitRun:
                 spent = compute[kind]["search_steps"]
                 parts.append(f"{kind} needed {s} tuning steps to match it" if s is not None else
                              f"{kind} never matched it in {spent} tuning steps")
+            how = "race and fine-tuning" if ph.get("fine_tune", {}).get("optimizee_steps") else "race"
             text += (f". The learned optimizer {learned['name']} used "
-                     f"{compute['learned']['search_steps']} search steps and no tuning; "
+                     f"{compute['learned']['search_steps']} search steps ({how}) and no "
+                     "hyperparameter tuning; "
                      + "; ".join(parts))
         out["summary"] = text + "."
         return out
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def welch(gap: float, s1: float, n1: int, s2: float, n2: int, alpha: float = 0.05) -> dict[str, Any]:
+    """Is a gap between two seed means more than seed noise?  Welch's t-test (unequal
+    variances), two-sided at ``alpha``:
+
+        se = sqrt(s1^2/n1 + s2^2/n2),  t = gap / se,
+        df = se^4 / ((s1^2/n1)^2/(n1-1) + (s2^2/n2)^2/(n2-1))   (Welch-Satterthwaite)
+
+    With 2-3 seeds df is small and the critical t large (12.7 at df 1, 4.3 at df 2), which a
+    fixed "2 standard errors" rule would ignore.  ``noise`` is the gap needed for significance,
+    t_crit(df) * se."""
+    from scipy import stats
+
+    v1, v2 = s1 * s1 / n1, s2 * s2 / n2
+    se = math.sqrt(v1 + v2)
+    if se == 0.0:  # every seed identical on both sides: any gap is real, none is noise
+        return {"noise": 0.0, "p_value": 0.0 if gap > 0 else 1.0, "significant": gap > 0}
+    df = (v1 + v2) ** 2 / ((v1 * v1 / (n1 - 1) if v1 else 0.0) + (v2 * v2 / (n2 - 1) if v2 else 0.0))
+    p = float(2 * stats.t.sf(abs(gap) / se, df))
+    return {"noise": float(stats.t.ppf(1 - alpha / 2, df) * se), "p_value": p,
+            "significant": p < alpha}
+
+
 @contextmanager
 def _graceful_sigint():
     """First Ctrl-C: stop at the next training step (see :data:`train.STOP`); second: at once."""

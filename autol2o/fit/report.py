@@ -17,7 +17,10 @@ so an interrupted run never leaves a half-written file.
     race             null | {skipped, picked, picked_path, probe_steps, steps,
                              entries: [{name, path, val_loss, val_acc, diverged, steps,
                                         wall_time, curve}]}
-    fine_tune        null | {name, path, iterations, optimizee_steps, diverged_runs, best_val,
+    fine_tune        null | {name, path, iterations, optimizee_steps, diverged_runs,
+                             best_val (the meta-validation score: the loss reached when the
+                             optimizer trains a fresh model on the validation split, not a
+                             validation loss of a trained model),
                              best_iteration (0: the starting weights stayed best),
                              probe_val_loss_before, probe_val_loss_after, used, wall_time}
     tuning           {adam|sgd: {study, storage, n_trials, n_complete, n_pruned, n_failed,
@@ -31,8 +34,9 @@ so an interrupted run never leaves a half-written file.
                        diverged; std null then and with one seed)
     leaderboard      [{rank, name, kind, params, val_loss_mean, val_loss_std, val_acc_mean,
                        val_acc_std, n_seeds, diverged}]  (best first; *_std null with one seed)
-    verdict          {winner, runner_up, gap, noise (2 standard errors of the difference),
-                      significant (gap > noise; null with one seed), summary (one sentence),
+    verdict          {winner, runner_up, gap, noise (the gap a two-sided Welch t-test at 5%
+                      needs: t_crit(df) x standard error), p_value, significant (p < 0.05;
+                      null with one seed), summary (one sentence),
                       compute {learned|adam|sgd: {search_steps, search_wall_time, [search_trials],
                                final_runs, final_steps, final_wall_time}},
                       learned_target_val_loss, baseline_steps_to_match_learned {adam|sgd: int|null},
@@ -209,7 +213,8 @@ def markdown(r: dict[str, Any]) -> str:
             loss = "diverged" if row["val_loss_mean"] is None else \
                 f"{row['val_loss_mean']:.4g}" + (
                     "" if row["val_loss_std"] is None else f" +/- {row['val_loss_std']:.2g}")
-            conf = ", ".join(f"{k}={_f(x, 3)}" for k, x in row["params"].items()) or "no tuning"
+            conf = (", ".join(f"{k}={_f(x, 3)}" for k, x in row["params"].items())
+                    or "learned: no hyperparameters")
             lines.append(f"| {row['rank']} | {row['name']} | {conf} | {loss} | {acc} | "
                          f"{row['diverged']}/{row['n_seeds']} |")
         lines.append("")

@@ -97,6 +97,13 @@ class RunResult:
                 "val_acc": self.val_acc, "steps_run": self.steps_run, "diverged": self.diverged,
                 "wall_time": self.wall_time}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunResult:
+        """Inverse of :meth:`to_dict` (a non-finite validation loss was saved as null)."""
+        return cls(d["name"], d["seed"], list(d["steps"]), list(d["train_loss"]),
+                   [math.inf if v is None else v for v in d["val_loss"]], list(d["val_acc"]),
+                   d["steps_run"], d["diverged"], d["wall_time"])
+
 
 def _finite(v: float | None) -> float | None:
     return v if v is not None and math.isfinite(v) else None
