@@ -10,13 +10,15 @@ so an interrupted run never leaves a half-written file.
     autol2o_version, created, finished (ISO time), run_dir, device
     inputs           model (path or "<api model>"), model_name, entry_point, task, n_params, loss,
                      data {source, format, task, n_train, n_val, input_shape, n_classes, classes,
-                           standardized, split, notes}, plus the CLI's data/target arguments
+                           standardized, split, notes} (the DATA path is data.source), plus
+                     the CLI's target argument
     config           FitConfig fields (steps, batch_size, probe_fraction, trials, seeds,
                      fine_tune, optimizer, baselines, device, storage (a password shown as
-                     ***), study, n_jobs, seed, eval_every, zoo) + probe_steps
+                     ***), study, n_jobs, seed, threads, zoo) + probe_steps, eval_every
     race             null | {skipped, picked, picked_path, probe_steps, steps,
                              entries: [{name, path, val_loss, val_acc, diverged, steps,
-                                        wall_time, curve}]}
+                                        wall_time, curve}]}  (an entry that failed to
+                             load: {name, error, val_loss null, diverged, steps 0, wall_time})
     fine_tune        null | {name, path, iterations, optimizee_steps, diverged_runs,
                              best_val (the meta-validation score: the loss reached when the
                              optimizer trains a fresh model on the validation split, not a
@@ -38,10 +40,11 @@ so an interrupted run never leaves a half-written file.
                       needs: t_crit(df) x standard error), p_value, significant (p < 0.05;
                       null with one seed), summary (one sentence),
                       compute {learned|adam|sgd: {search_steps, search_wall_time, [search_trials],
-                               final_runs, final_steps, final_wall_time}},
+                               final_runs, final_steps, final_wall_time}}  (a key only for
+                               contenders that ran),
                       learned_target_val_loss, baseline_steps_to_match_learned {adam|sgd: int|null},
-                      best_adam_trial_val_loss, learned_steps_to_match_best_adam,
-                      learned_search_steps}
+                      [best_adam_trial_val_loss, learned_steps_to_match_best_adam: only with a
+                      learned contender and an Adam study], learned_search_steps}
     timings          seconds per phase (race, fine_tune, tune_adam, tune_sgd, finals)
     artifacts        {report_json, report_md, metrics, curves, weights, optuna_storage,
                       optuna_db, dashboard_command, [preprocessing]}  (file names in run_dir;
