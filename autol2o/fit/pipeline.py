@@ -138,11 +138,10 @@ class Result:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return torch.device(name)
+    """``--device`` as for ``zoo train``: auto, cpu, cuda or cuda:N (CUDA checked)."""
+    from autol2o.meta.cli_support import resolve_device as resolve
+
+    return torch.device(resolve(name))
 
 
 # -- run directory ----------------------------------------------------------------------------
