@@ -215,6 +215,8 @@ def run(args) -> None:
                 missing.append(f"{preset} x {steps}")
                 continue
             tables.setdefault(exp.name, []).append((preset, steps, row))
+            if args.report_only:  # every table row gets its plot, wherever it was computed
+                plot(args.out, preset, steps, row)
     write_report(args.out, tables, missing, cache, runs, tune_runs, mode,
                  time.perf_counter() - t_start, args.quick)
 
