@@ -21,6 +21,7 @@ stopped.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import torch
 
 from autol2o.meta import build_task
 from autol2o.meta.evaluate import baseline, evaluate
+from autol2o.meta.tasks import preset_spec
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -119,12 +121,19 @@ def _score(entry: dict) -> float:
     return math.inf if entry["diverged"] or entry["mean"] is None else entry["mean"]
 
 
+def task_key(preset: str) -> str:
+    """``preset@<hash of its spec>``: a task whose definition changes (e.g. the sin-LSTM's
+    sampling ranges in stop 8) must not reuse results cached for the old one."""
+    spec = json.dumps(preset_spec(preset), sort_keys=True)
+    return f"{preset}@{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
+
+
 def tune(cache: Cache, task, preset: str, steps: int, opt: str, runs: int, log, stride: int) -> float:
     """Best learning rate on the sqrt(2) grid, found on tuning seeds: a coarse pass over every
     ``stride``-th grid point, then the sqrt(2) neighbours of the best (``stride // 2`` away, then
     one step, as long as the best moves).  ``task=None`` reads the cache only."""
     def ev(lr: float) -> float:
-        key = f"tune|{preset}|{steps}|{opt}|{lr:.6g}|{runs}"
+        key = f"tune|{task_key(preset)}|{steps}|{opt}|{lr:.6g}|{runs}"
         compute = None if task is None else partial(_eval, baseline(opt, lr), task, steps, runs, seed=1)
         return _score(cache.get(key, compute))
     scores = {lr: ev(lr) for lr in GRID[::stride]}
@@ -150,14 +159,14 @@ def task_row(cache: Cache, task, preset: str, steps: int, learned: dict, version
     from the cache alone, raising Missing if any piece is not there."""
     row: Row = {}
     for name, rule in learned.items():
-        key = f"eval|{preset}|{steps}|{name}@{version[name]}|{runs}"
+        key = f"eval|{task_key(preset)}|{steps}|{name}@{version[name]}|{runs}"
         compute = None if task is None else partial(_eval, rule, task, steps, runs)
         row[name] = (cache.get(key, compute), None)
         log(f"    {name:14s} {row[name][0]['mean']}")
     # quick mode tunes only Adam (the paper's best baseline there) at the long horizon
     for opt in ["adam"] if quick and steps > 100 else BASELINES:
         lr = tune(cache, task, preset, steps, opt, tune_runs, log, 4 if quick else 2)
-        key = f"eval|{preset}|{steps}|{opt}|{lr:.6g}|{runs}"
+        key = f"eval|{task_key(preset)}|{steps}|{opt}|{lr:.6g}|{runs}"
         compute = None if task is None else partial(_eval, baseline(opt, lr), task, steps, runs)
         row[opt] = (cache.get(key, compute), lr)
     return row

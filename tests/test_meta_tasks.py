@@ -1,6 +1,7 @@
 """Task suite: IDX reader, batched tasks vs per-instance / reference modules, specs, evaluate."""
 
 import gzip
+import math
 import struct
 
 import numpy as np
@@ -23,6 +24,7 @@ from autol2o.meta import (
 from autol2o.meta.data import load_mnist
 from autol2o.meta.tasks import generators, unflatten
 from autol2o.optimizers import RNNprop
+from autol2o.zoo import load_entry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -205,3 +207,17 @@ def test_evaluate_protocol_same_inits_and_minibatches_for_every_optimizer():
     res_chunked = evaluate(baseline("adam", 0.01), task, steps=6, runs=3, seed=4, max_batch=2)
     assert torch.allclose(res_chunked.final_losses, res_adam.final_losses, rtol=1e-5)
     assert res_adam.final_loss < res0.final_loss and res_adam.diverged == 0
+
+
+def test_sin_lstm_follows_the_authors_sampling_and_old_specs_still_rebuild():
+    task = build_task("sin-lstm")
+    assert task.spec["amp_max"] == 10.0 and task.spec["freq_max"] == pytest.approx(math.pi / 2)
+    ys = torch.cat([task.batch([s], 0)[1] for s in range(40)], 1)   # 40 x 128 targets
+    # A ~ U(0, 10), A sin(...) with phi uniform: |y| <= 10 and E[y^2] = E[A^2]/2 = 100/6
+    assert ys.abs().max() <= 10.0 and (ys ** 2).mean() == pytest.approx(100 / 6, rel=0.1)
+    # a spec written before the authors' ranges were used (rnnprop-mix's card) rebuilds that task
+    old = build_task({**task.spec, "amp_max": 1.0, "freq_max": 1.0, "forget_bias": 1.0})
+    yo = torch.cat([old.batch([s], 0)[1] for s in range(40)], 1)
+    assert yo.abs().max() <= 1.0 and (yo ** 2).mean() == pytest.approx(1 / 6, rel=0.1)
+    card_specs = [t for t in load_entry("rnnprop-mix")[1]["tasks"] if t["kind"] == "sin_lstm"]
+    assert card_specs and all(t["forget_bias"] == 1.0 and t["amp_max"] == 1.0 for t in card_specs)
