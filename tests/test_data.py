@@ -197,3 +197,17 @@ def test_detection_priority_and_odd_arrays(tmp_path):
     np.savez(tmp_path / "one.npz", X=x[:, 0], y=y)        # 1-D X: one feature per example
     d = load_data(tmp_path / "one.npz")
     assert d.x_train.shape[1:] == (1,) and d.standardized
+
+
+def test_quoted_line_breaks_and_target_on_builtin_data(tmp_path):
+    x, y = blobs(20, d=2)
+    rows = [f'{a},"{b}",{t}' for (a, b), t in zip(x, y)]
+    rows[3] = f'{x[3][0]},"{x[3][1]}",{y[3]}'
+    text = "a,b,label\n" + "\n".join(rows) + "\n"
+    # a quoted header cell spanning two lines is one field, as in any CSV reader
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "train.csv").write_text(text.replace("a,b,label", '"a\nfirst",b,label'))
+    d = load_data(tmp_path / "d")
+    assert d.x_train.shape[1] == 2 and len(d.x_train) + len(d.x_val) == 20
+    with pytest.raises(UserError, match="--target applies to CSV data only"):
+        load_data(None, target="label")

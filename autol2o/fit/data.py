@@ -25,6 +25,7 @@ Every problem is a :class:`autol2o.errors.UserError` naming the file.
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,8 @@ def load_data(path: str | Path | None, *, target: str | None = None, seed: int =
               task: str | None = None, val_fraction: float = 0.2) -> FitData:
     """Load DATA (a directory, a single file, or a built-in name; ``None`` means digits)."""
     if path is None or (str(path) in BUILTIN and not Path(path).exists()):
+        if target is not None:
+            raise UserError(f"--target applies to CSV data only ({path or 'digits'} is built in)")
         return _builtin(str(path or "digits"), seed, task, val_fraction)
     p = Path(path)
     if not p.exists():
@@ -159,9 +162,11 @@ def _read_csv(p: Path, target: str | None) -> tuple[np.ndarray, np.ndarray, list
             text = fh.read()
     except UnicodeDecodeError:
         raise UserError(f"{p}: not a text CSV file") from None
-    first = text.split("\n", 1)[0]
+    first = text[:text.find("\n")] if "\n" in text else text
     delim = next((d for d in (";", "\t") if "," not in first and d in first), ",")
-    rows = [r for r in csv.reader(text.splitlines(), delimiter=delim) if r and any(c.strip() for c in r)]
+    # a StringIO keeps quoted fields with line breaks intact (str.splitlines would cut them)
+    rows = [r for r in csv.reader(io.StringIO(text, newline=""), delimiter=delim)
+            if r and any(c.strip() for c in r)]
     if not rows:
         raise UserError(f"{p}: CSV file is empty")
     header = [h.strip() for h in rows[0]]

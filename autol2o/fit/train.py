@@ -135,8 +135,11 @@ def user_code(problem: Problem) -> Iterator[None]:
     except UserError:
         raise
     except Exception as e:
-        raise UserError(f"{problem.model.source}: forward/loss failed during training: "
-                        f"{_one_line(e)}") from e
+        raise _user_error(problem, e) from e
+
+
+def _user_error(problem: Problem, e: Exception) -> UserError:
+    return UserError(f"{problem.model.source}: forward/loss failed during training: {_one_line(e)}")
 
 
 def default_eval_every(steps: int) -> int:
@@ -182,9 +185,13 @@ def train_run(problem: Problem, opt: OptSpec, *, steps: int, seed: int, batch_si
         idx = perm[pos:pos + bs].to(problem.device)
         pos += bs
         optimizer.zero_grad(set_to_none=True)
-        with user_code(problem):
+        try:  # inline, not user_code(): no generator per step on the hot path
             loss = problem.loss_fn(model(x[idx]), y[idx])
             loss.backward()
+        except UserError:
+            raise
+        except Exception as e:
+            raise _user_error(problem, e) from e
         optimizer.step()
         run_loss += loss.detach()
         since += 1

@@ -98,7 +98,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         flat = {k: _cat([s[k] for s in states], dim) for k, dim in layout.items()}
         grad = _cat([p.grad.reshape(-1).to(sdtype) for p in params])
         steps = [s["step"] for s in states]
-        if all(bool(s == steps[0]) for s in steps):
+        # a lone parameter (the common case for large ones) needs no comparison: on a GPU each
+        # bool() of a device tensor would wait for the device
+        if len(steps) == 1 or all(bool(s == steps[0]) for s in steps):
             step = steps[0].to(device=device, dtype=sdtype)
         else:
             step = torch.cat([s.to(device=device, dtype=sdtype).expand(p.numel())
