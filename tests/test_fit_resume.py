@@ -112,3 +112,14 @@ def test_sigint_subprocess_keeps_partial_report(tmp_path):
     r = json.loads((run / "report.json").read_text())
     assert r["status"] == "interrupted"
     assert not list(run.glob(".*.tmp"))
+
+
+def test_resume_takes_typed_runtime_flags_even_when_they_equal_the_default(tmp_path):
+    saved = {"config": pipeline.FitConfig(n_jobs=4, threads=2, steps=50).to_dict()}
+    given = pipeline.FitConfig()                       # n_jobs=1, threads=None: the defaults
+    # the CLI says --n-jobs 1 was typed: it undoes the saved 4; --threads was not: saved 2 stays
+    cfg = pipeline.resume_config(saved, given, tmp_path, explicit={"n_jobs"})
+    assert cfg.n_jobs == 1 and cfg.threads == 2 and cfg.steps == 50
+    # the Python API cannot tell typed from default: only non-default values override
+    cfg = pipeline.resume_config(saved, given, tmp_path)
+    assert cfg.n_jobs == 4 and cfg.threads == 2

@@ -73,13 +73,15 @@ def fit(
                     baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()),
                     device=device, storage=storage, study=study, n_jobs=n_jobs, seed=seed,
                     zoo=zoo, threads=threads)
+    explicit = None
     if resume is not None:
         _check_resume_flags(ctx, resume)
+        explicit = {n for n in ("threads", "device", "n_jobs") if _given(ctx, n)}
     reporter = Reporter(not quiet)
     # --json: stdout carries the report only, so whatever user code prints goes to stderr
     with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
         res = fit_files(model, data, cfg, out=out, target=target, resume=resume,
-                        reporter=reporter)
+                        reporter=reporter, explicit=explicit)
     if json_out:
         typer.echo(json.dumps(res.report, indent=2))
         return
@@ -93,11 +95,16 @@ def _check_resume_flags(ctx: typer.Context, resume: str) -> None:
     from autol2o.errors import UserError
 
     given = [p.opts[0] for p in ctx.command.params
-             if p.name not in RESUME_OK and p.name is not None
-             and getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") != "DEFAULT"]
+             if p.name not in RESUME_OK and p.name is not None and _given(ctx, p.name)]
     if given:
         raise UserError(f"--resume continues {resume} with its saved settings; drop "
                         + ", ".join(given))
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Was option ``name`` typed on the command line (not left at its default)?  Compared by
+    name: typer >= 0.29 bundles its own click, with its own ParameterSource enum."""
+    return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
 
 
 def print_leaderboard(report: dict) -> None:

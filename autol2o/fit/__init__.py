@@ -20,7 +20,7 @@ and :mod:`autol2o.fit.problem`, and the report schema in :mod:`autol2o.fit.repor
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +142,10 @@ def optimize(model: nn.Module | Callable[[], nn.Module], train_loader: Iterable 
 
 def fit_files(model_path: str | Path | None, data_path: str | Path | None, cfg: FitConfig, *,
               out: str | Path | None = None, target: str | None = None,
-              resume: str | Path | None = None, reporter: Reporter | None = None) -> Result:
-    """What ``autol2o fit`` does: load MODEL.py and DATA (or a run to resume), then run."""
+              resume: str | Path | None = None, reporter: Reporter | None = None,
+              explicit: Collection[str] | None = None) -> Result:
+    """What ``autol2o fit`` does: load MODEL.py and DATA (or a run to resume), then run.
+    ``explicit``: the config fields given on the command line (see :func:`resume_config`)."""
     reporter = reporter or Reporter(True)
     if resume is not None:
         if model_path is not None or data_path is not None:
@@ -154,7 +156,7 @@ def fit_files(model_path: str | Path | None, data_path: str | Path | None, cfg: 
         if inp.get("model") == "<api model>":
             raise UserError(f"{resume}: this run was started from Python; resume it with "
                             "autol2o.optimize(..., out=RUN_DIR, resume=True)")
-        cfg = resume_config(state, cfg, Path(resume))
+        cfg = resume_config(state, cfg, Path(resume), explicit)
         model_path, data_path, target = inp.get("model"), inp.get("data"), inp.get("target")
     cfg.validate()
     check_zoo(cfg)   # before any loading: nothing to race is the first thing to say
@@ -177,11 +179,11 @@ def fit_files(model_path: str | Path | None, data_path: str | Path | None, cfg: 
               (str(Path(data_path).resolve()) if Path(data_path).exists() else str(data_path)),
               "target": target}
     return _run(problem, cfg, out if resume is None else resume, resume is not None, inputs,
-                reporter)
+                reporter, explicit)
 
 
 def _run(problem: Problem, cfg: FitConfig, out, resume: bool, inputs: dict[str, Any],
-         reporter: Reporter) -> Result:
+         reporter: Reporter, explicit: Collection[str] | None = None) -> Result:
     threads = torch.get_num_threads()
     want = cfg.threads
     if want is None and problem.device.type == "cpu" and problem.n_params < SMALL_MODEL:
@@ -189,13 +191,13 @@ def _run(problem: Problem, cfg: FitConfig, out, resume: bool, inputs: dict[str, 
     if want:
         torch.set_num_threads(want)
     try:
-        return _run_in(problem, cfg, out, resume, inputs, reporter)
+        return _run_in(problem, cfg, out, resume, inputs, reporter, explicit)
     finally:
         torch.set_num_threads(threads)
 
 
 def _run_in(problem: Problem, cfg: FitConfig, out, resume: bool, inputs: dict[str, Any],
-            reporter: Reporter) -> Result:
+            reporter: Reporter, explicit: Collection[str] | None = None) -> Result:
     if resume:
         if out is None:
             raise UserError("resume needs the run directory (out=RUN_DIR)")
@@ -203,7 +205,7 @@ def _run_in(problem: Problem, cfg: FitConfig, out, resume: bool, inputs: dict[st
         state = read_state(run_dir)
         if state.get("status") == "complete":
             raise UserError(f"{run_dir}: this run is already complete (see its report.json)")
-        cfg = resume_config(state, cfg, run_dir)
+        cfg = resume_config(state, cfg, run_dir, explicit)
         check_zoo(cfg)
         reporter.log(f"resuming {run_dir}")
         fr = FitRun(problem, cfg, run_dir, reporter=reporter, state=state)

@@ -34,6 +34,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Collection
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -732,13 +733,16 @@ def restore_storage(saved: FitConfig, given: str | None, run_dir: Path) -> FitCo
 RUNTIME_FIELDS = ("threads", "device", "n_jobs")
 
 
-def resume_config(state: dict[str, Any], given: FitConfig, run_dir: Path) -> FitConfig:
-    """The config of a run being resumed: the saved one, with the storage password and any
-    non-default :data:`RUNTIME_FIELDS` from ``given``."""
+def resume_config(state: dict[str, Any], given: FitConfig, run_dir: Path,
+                  explicit: Collection[str] | None = None) -> FitConfig:
+    """The config of a run being resumed: the saved one, with the storage password and the
+    :data:`RUNTIME_FIELDS` from ``given`` that were ``explicit``-ly asked for (the CLI knows which
+    flags were typed, so ``--n-jobs 1`` can undo a saved 4); without ``explicit`` (the Python
+    API), those that differ from the defaults."""
     cfg = restore_storage(FitConfig.from_dict(state["config"]), given.storage, run_dir)
     default = FitConfig()
     for k in RUNTIME_FIELDS:
-        if getattr(given, k) != getattr(default, k):
+        if (k in explicit) if explicit is not None else getattr(given, k) != getattr(default, k):
             setattr(cfg, k, getattr(given, k))
     return cfg
 
