@@ -173,10 +173,10 @@ def train_cmd(
     device = resolve_device(device)
     stages = _parse_curriculum(curriculum, iterations)
     # the curriculum sets the horizons; --horizon has a default, so only one given on the
-    # command line can conflict (and an equal one is accepted: older cards' commands have it).
-    # Compared by name: typer >= 0.29 bundles its own click, with its own ParameterSource.
-    source = ctx.get_parameter_source("horizon")
-    if stages and horizon != stages[0][1] and source is not None and source.name != "DEFAULT":
+    # command line can conflict (and an equal one is accepted: older cards' commands have it)
+    from autol2o.cli.fit import _given
+
+    if stages and horizon != stages[0][1] and _given(ctx, "horizon"):
         raise UserError(f"--horizon {horizon} conflicts with --curriculum, which starts at "
                         f"horizon {stages[0][1]} (the curriculum sets the horizons; drop --horizon)")
     tricks = rule == "rnnprop"  # the paper trains RNNprop with both tricks, DMoptimizer with none
