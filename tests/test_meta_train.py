@@ -105,11 +105,12 @@ def test_curriculum_horizons():
     assert [h["horizon"] for h in res.history] == [4, 4, 6, 6, 6, 6]
 
 
-def test_resume_after_a_kill_continues_exactly(tmp_path, monkeypatch):
+@pytest.mark.parametrize("ema", [0.0, 0.5])
+def test_resume_after_a_kill_continues_exactly(tmp_path, monkeypatch, ema):
     task = build_task("mlp-digits")
     cfg = TrainConfig(horizon=12, unroll=4, iterations=9, batch=2, meta_lr=1e-3, seed=3,
                       random_scaling=3.0, convex_combination=True, validate_every=4, val_runs=2,
-                      checkpoint_every=2)
+                      checkpoint_every=2, ema=ema)
     ref = meta_train(_rule(), task, cfg, progress=False)
 
     calls = {"n": 0}
@@ -133,6 +134,8 @@ def test_resume_after_a_kill_continues_exactly(tmp_path, monkeypatch):
     assert [h["meta_loss"] for h in res.history] == [h["meta_loss"] for h in ref.history]
     assert res.best_iteration == ref.best_iteration
     assert res.card_fields["validation"] == ref.card_fields["validation"]  # incl. the initial
+    if ema:  # the averaged weights came back from the checkpoint too, not restarted
+        return
     # a checkpoint made with a different config is refused
     with pytest.raises(Exception, match="different config"):
         meta_train(_rule(), task, TrainConfig(horizon=12, unroll=3, iterations=9, batch=2),
@@ -145,6 +148,27 @@ def test_resume_after_a_kill_continues_exactly(tmp_path, monkeypatch):
     torch.save(ck, ck_path)
     more = TrainConfig(**{**cfg.to_dict(), "iterations": 10, "curriculum": ()})
     meta_train(_rule(), task, more, checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_ema_returns_the_running_average_of_the_iterates():
+    """w_avg_k = ema * w_avg_{k-1} + (1 - ema) * w_k from w_avg_0 = w_0, computed from the plain
+    run's iterates (averaging must not change the training trajectory itself)."""
+    task = build_task("quadratic")
+    kw = {"horizon": 10, "unroll": 5, "batch": 2, "meta_lr": 1e-2, "seed": 4}
+    iterates = [_rule().state_dict()]
+    for k in (1, 2, 3):
+        rule = _rule()
+        meta_train(rule, task, TrainConfig(iterations=k, **kw), progress=False)
+        iterates.append(rule.state_dict())
+    trained = _rule()
+    res = meta_train(trained, task, TrainConfig(iterations=3, ema=0.5, **kw), progress=False)
+    for name, got in res.rule.state_dict().items():
+        w = [it[name] for it in iterates]
+        expected = 0.125 * w[0] + 0.125 * w[1] + 0.25 * w[2] + 0.5 * w[3]
+        torch.testing.assert_close(got, expected)
+        assert torch.equal(trained.state_dict()[name], w[3])  # the raw iterate is untouched
+    assert res.card_fields["training"]["ema"] == 0.5
+    assert all(p.requires_grad for p in res.rule.parameters())  # trainable again (fine-tuning)
 
 
 def test_cosine_run_cannot_be_lengthened_on_resume(tmp_path):
@@ -249,6 +273,7 @@ def test_validation_across_tasks_is_a_geometric_mean(monkeypatch):
     ({"checkpoint_every": -1}, "--checkpoint-every must be >= 0, got -1"),
     ({"meta_lr": -1.0}, "--meta-lr must be a finite number > 0"),
     ({"meta_lr": math.nan}, "--meta-lr must be a finite number > 0"),
+    ({"ema": 1.0}, "--ema must lie in [0, 1), got 1.0"),
     ({"unroll": 50, "horizon": 10}, "--unroll 50 must be <= the horizon (10)"),
     ({"unroll": 50, "curriculum": ((0, 10), (2, 20))}, "--unroll 50 must be <= the horizon (20)"),
     ({"curriculum": ((0, 10), (0, 20))}, "two stages start at iteration 0"),

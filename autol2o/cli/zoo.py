@@ -132,6 +132,9 @@ def train_cmd(
         "--lr-schedule", help="Meta learning-rate schedule: constant or cosine (decays to 0).")] = "constant",
     warmup: Annotated[int, typer.Option(
         "--warmup", help="Iterations of linear meta-lr warmup (useful with --init).")] = 0,
+    ema: Annotated[float, typer.Option(
+        "--ema", help="Average the meta-weights: w_avg <- ema*w_avg + (1-ema)*w after each "
+                      "update; validation and the entry use w_avg (0: off; e.g. 0.99).")] = 0.0,
     init: Annotated[str | None, typer.Option(
         "--init", help="Start from this zoo entry's weights (name or directory) instead of "
                        "a random init.")] = None,
@@ -185,8 +188,8 @@ def train_cmd(
     # validated here, before train_to_zoo creates anything
     config = TrainConfig(
         horizon=stages[0][1] if stages else horizon, unroll=unroll, iterations=iterations,
-        meta_lr=meta_lr, lr_schedule=lr_schedule, warmup=warmup, batch=batch, seed=seed,
-        curriculum=tuple(stages),
+        meta_lr=meta_lr, lr_schedule=lr_schedule, warmup=warmup, ema=ema, batch=batch,
+        seed=seed, curriculum=tuple(stages),
         meta_loss="mean" if rule == "dm" else "last", log_loss=log_loss,
         random_scaling=3.0 if (tricks if random_scaling is None else random_scaling) else 0.0,
         convex_combination=tricks if convex is None else convex,
@@ -197,6 +200,7 @@ def train_cmd(
               else ["--horizon", horizon]),
             "--unroll", unroll, "--iterations", iterations, "--batch", batch,
             "--meta-lr", meta_lr, "--lr-schedule", lr_schedule, "--warmup", warmup,
+            *(["--ema", ema] if ema else []),
             *(["--init", init] if init else []),
             "--random-scaling" if config.random_scaling else "--no-random-scaling",
             "--convex" if config.convex_combination else "--no-convex",

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, typ in (("horizon", int), ("unroll", int), ("iterations", int), ("batch", int),
                       ("meta-lr", float), ("random-scaling", float), ("seed", int),
                       ("validate-every", int), ("val-runs", int), ("checkpoint-every", int),
-                      ("warmup", int), ("lr-schedule", str)):
+                      ("warmup", int), ("lr-schedule", str), ("ema", float)):
         p.add_argument(f"--{name}", type=typ)
     p.add_argument("--meta-loss", choices=["last", "mean"])
     p.add_argument("--convex", action="store_true")
@@ -77,7 +77,7 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] |
     kw = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in
           ("horizon", "unroll", "iterations", "batch", "meta-lr", "random-scaling", "seed",
            "validate-every", "val-runs", "checkpoint-every", "warmup", "lr-schedule",
-           "meta-loss")}
+           "meta-loss", "ema")}
     # checked before joining the process group, so that a bad option fails every rank alike
     config = TrainConfig(**{k: v for k, v in kw.items() if v is not None},
                          convex_combination=args.convex, log_loss=args.log_loss)

@@ -63,6 +63,11 @@ class TrainConfig:
     #: linear warmup over the first iterations: a warm start (``--init``) with a fresh Adam state
     #: otherwise takes full-size, sign-like first steps on every meta-weight and loses ground
     warmup: int = 0
+    #: Polyak averaging of the meta-weights: after every update w_avg <- ema * w_avg +
+    #: (1 - ema) * w (w_avg starts at the initial weights); validation, the best checkpoint and
+    #: the result use w_avg.  With one optimizee run per update the iterates random-walk around
+    #: a good point (validation swings by 10%); their running mean sits nearer to it.  0: off
+    ema: float = 0.0
     batch: int = 8                #: optimizee instances per run (B), served by one rule call
     meta_loss: str = "last"       #: "last" (RNNprop) or "mean" (DMoptimizer)
     #: meta-train on log(loss) instead of the loss: with several tasks, one whose loss is 50x
@@ -105,6 +110,8 @@ class TrainConfig:
         if not (math.isfinite(self.random_scaling) and self.random_scaling >= 0):
             raise UserError(f"--random-scaling must be a finite number >= 0, "
                             f"got {self.random_scaling}")
+        if not 0.0 <= self.ema < 1.0:
+            raise UserError(f"--ema must lie in [0, 1), got {self.ema}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise UserError(f"grad_clip must be > 0 (or None), got {self.grad_clip}")
         cur = list(self.curriculum or ())
@@ -167,7 +174,8 @@ class TrainConfig:
 @dataclass
 class MetaTrainResult:
     rule: LearnedRule             #: best meta-weights by validation, the starting ones included
-                                  #: (the final ones without validation)
+                                  #: (the final ones without validation); with ``config.ema``
+                                  #: the averaged weights throughout
     history: list[dict[str, Any]]
     diverged: int                 #: runs dropped because the loss or meta-gradient was not finite
     wall_time: float
@@ -360,6 +368,8 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
         for p in rule.parameters():
             dist.broadcast(p.data, 0)
     meta_opt = torch.optim.Adam(rule.parameters(), lr=config.meta_lr)
+    # the averaged weights (config.ema > 0): what is validated, kept as best and returned
+    averaged = copy.deepcopy(rule).requires_grad_(False) if config.ema else rule
     sampler = torch.Generator().manual_seed(mix_seed(config.seed, 0x5A3, rank))
     iteration, diverged, elapsed = 0, 0, 0.0
     history: list[dict[str, Any]] = []
@@ -376,6 +386,8 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
             raise UserError(f"{ckpt_path}: cannot load checkpoint ({exc})") from None
         _check_resume(ck, ckpt_path, config, ident, world)
         rule.load_state_dict(ck["rule"])
+        if config.ema:
+            averaged.load_state_dict(ck["averaged"])
         meta_opt.load_state_dict(ck["meta_opt"])
         sampler.set_state(ck["sampler"][rank])
         iteration, diverged, elapsed = ck["iteration"], ck["diverged"], ck["wall_time"]
@@ -396,7 +408,8 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
             return
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = ckpt_path.with_suffix(".tmp")
-        torch.save({**ident, "config": config.to_dict(), "rule": rule.state_dict(),
+        extra = {"averaged": averaged.state_dict()} if config.ema else {}
+        torch.save({**ident, **extra, "config": config.to_dict(), "rule": rule.state_dict(),
                     "meta_opt": meta_opt.state_dict(), "sampler": states, "runs": snaps,
                     "iteration": iteration, "diverged": diverged,
                     "wall_time": elapsed + time.perf_counter() - t_start, "history": history,
@@ -407,10 +420,11 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
     if config.validate_every and iteration == 0 and best["val"] is None:
         # the starting weights are a candidate too: a warm start (``zoo train --init``) must
         # never come back worse than it went in
-        val = _validate(rule, val_tasks, config)
+        val = _validate(averaged, val_tasks, config)
         if math.isfinite(val):
             best = {"val": val, "iteration": 0, "initial": val,
-                    "weights": {k: v.detach().cpu().clone() for k, v in rule.state_dict().items()}}
+                    "weights": {k: v.detach().cpu().clone()
+                                for k, v in averaged.state_dict().items()}}
     bar = _progress(progress and rank == 0, config.iterations, iteration)
     val_txt = "-" if best["val"] is None else (
         f"{best['val']:.4g}" + (" (initial)" if best["iteration"] == 0 else ""))
@@ -441,17 +455,21 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
                 for group in meta_opt.param_groups:
                     group["lr"] = config.lr_at(iteration)
                 meta_opt.step()
+                if config.ema:
+                    with torch.no_grad():
+                        for avg, w in zip(averaged.parameters(), rule.parameters(), strict=True):
+                            avg.lerp_(w, 1.0 - config.ema)
             iteration += 1
             record = {"iteration": iteration, "meta_loss": float(meta_loss.detach()) if ok else None,
                       "horizon": config.horizon_at(iteration - 1), "diverged": diverged}
             if config.validate_every and (iteration % config.validate_every == 0
                                           or iteration == config.iterations):
-                val = _validate(rule, val_tasks, config)
+                val = _validate(averaged, val_tasks, config)
                 record["val_loss"] = val
                 if math.isfinite(val) and (best["val"] is None or val < best["val"]):
                     best = {"val": val, "iteration": iteration, "initial": best.get("initial"),
                             "weights": {k: v.detach().cpu().clone()
-                                        for k, v in rule.state_dict().items()}}
+                                        for k, v in averaged.state_dict().items()}}
                 val_txt = (f"{val:.4g} (best {best['val']:.4g})" if best["val"] is not None
                            else f"{val:.4g}")
             history.append(record)
@@ -467,7 +485,7 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
             bar[0].stop()
 
     wall = elapsed + time.perf_counter() - t_start
-    best_rule = copy.deepcopy(rule)
+    best_rule = copy.deepcopy(averaged).requires_grad_(True)
     if best["weights"] is not None:
         best_rule.load_state_dict(best["weights"])
     vals = [h["val_loss"] for h in history if "val_loss" in h]
@@ -483,7 +501,8 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
             "meta_iterations": iteration, "meta_loss": config.meta_loss,
             "log_loss": config.log_loss,
             "meta_optimizer": "adam", "meta_lr": config.meta_lr,
-            "lr_schedule": config.lr_schedule, "warmup": config.warmup, "grad_clip": config.grad_clip,
+            "lr_schedule": config.lr_schedule, "warmup": config.warmup, "ema": config.ema,
+            "grad_clip": config.grad_clip,
             "batch": config.batch, "world_size": world, "seed": config.seed,
             "diverged": diverged, "config": config.to_dict()},
         "validation": {"tasks": [t.spec for t in val_tasks], "every": config.validate_every,
