@@ -65,8 +65,9 @@ class TrainConfig:
     warmup: int = 0
     #: Polyak averaging of the meta-weights: after every update w_avg <- ema * w_avg +
     #: (1 - ema) * w (w_avg starts at the initial weights); validation, the best checkpoint and
-    #: the result use w_avg.  With one optimizee run per update the iterates random-walk around
-    #: a good point (validation swings by 10%); their running mean sits nearer to it.  0: off
+    #: the result use w_avg.  Meant for noisy iterates (one optimizee run per update makes
+    #: validation swing by ~10%): if they wander around a good point, their mean sits nearer to
+    #: it.  On MNIST it did not stop the drift (benchmarks/README.md).  0: off
     ema: float = 0.0
     batch: int = 8                #: optimizee instances per run (B), served by one rule call
     meta_loss: str = "last"       #: "last" (RNNprop) or "mean" (DMoptimizer)
