@@ -99,6 +99,9 @@ def test_cosine_meta_lr_schedule():
 def test_curriculum_horizons():
     cfg = TrainConfig(iterations=40, curriculum=[10, 20, 40, 80])
     assert [cfg.horizon_at(i) for i in (0, 9, 10, 25, 39)] == [10, 10, 20, 40, 80]
+    # uneven shares: stage i starts at i * iterations // n, as `zoo train --curriculum` lays out
+    assert TrainConfig(iterations=1000, curriculum=[10, 20, 40]).curriculum == (
+        (0, 10), (333, 20), (666, 40))
     res = meta_train(_rule(), build_task("quadratic"),
                      TrainConfig(horizon=4, unroll=2, iterations=6, batch=2,
                                  curriculum=((0, 4), (2, 6))), progress=False)

@@ -217,6 +217,7 @@ def train_cmd(
 def _parse_curriculum(text: str | None, iterations: int) -> list[tuple[int, int]]:
     """``--curriculum`` as the trainer's ``(from_iteration, horizon)`` pairs."""
     from autol2o.errors import UserError
+    from autol2o.meta.trainer import even_stages
 
     if not text:
         return []
@@ -228,7 +229,7 @@ def _parse_curriculum(text: str | None, iterations: int) -> list[tuple[int, int]
                 raise ValueError
             stages = [(int(a), int(h)) for a, h in pairs]
         else:  # bare horizons: equal shares of the iterations
-            stages = [(i * iterations // len(items), int(x)) for i, x in enumerate(items)]
+            stages = even_stages([int(x) for x in items], iterations)
     except ValueError:
         raise UserError(f"--curriculum must be 'ITER:HORIZON,...' or horizons, got {text!r}") from None
     if not stages or any(h <= 0 or i < 0 for i, h in stages):

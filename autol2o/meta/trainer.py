@@ -117,8 +117,7 @@ class TrainConfig:
             raise UserError(f"grad_clip must be > 0 (or None), got {self.grad_clip}")
         cur = list(self.curriculum or ())
         if cur and all(isinstance(h, int) for h in cur):
-            share = self.iterations / len(cur)
-            cur = [(round(i * share), h) for i, h in enumerate(cur)]
+            cur = even_stages(cur, self.iterations)
         self.curriculum = tuple((int(a), int(b)) for a, b in cur)
         self._check_curriculum()
 
@@ -170,6 +169,13 @@ class TrainConfig:
         d = asdict(self)
         d["curriculum"] = [list(p) for p in self.curriculum]
         return d
+
+
+def even_stages(horizons: list[int], iterations: int) -> list[tuple[int, int]]:
+    """Bare curriculum horizons as ``(from_iteration, horizon)`` pairs with equal shares of the
+    iterations: stage i starts at ``i * iterations // len(horizons)`` (``zoo train`` uses it too,
+    so the CLI and the Python API lay a curriculum out alike)."""
+    return [(i * iterations // len(horizons), h) for i, h in enumerate(horizons)]
 
 
 @dataclass
