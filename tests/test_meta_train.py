@@ -12,6 +12,7 @@ from autol2o.errors import UserError
 from autol2o.meta import Task, TrainConfig, build_task, evaluate, meta_train
 from autol2o.meta.trainer import _Run
 from autol2o.optimizers import DMOptimizer, RNNprop
+from autol2o.zoo import load_entry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,7 +138,7 @@ def test_resume_after_a_kill_continues_exactly(tmp_path, monkeypatch, ema):
     assert [h["meta_loss"] for h in res.history] == [h["meta_loss"] for h in ref.history]
     assert res.best_iteration == ref.best_iteration
     assert res.card_fields["validation"] == ref.card_fields["validation"]  # incl. the initial
-    if ema:  # the averaged weights came back from the checkpoint too, not restarted
+    if ema:  # the asserts above covered the averaged weights; the config checks below run once
         return
     # a checkpoint made with a different config is refused
     with pytest.raises(Exception, match="different config"):
@@ -366,7 +367,10 @@ def test_launch_shares_the_checks_and_reports_one_line(tmp_path, capsys):
     assert launch.main(base) == 0
     assert launch.main(base) == 2  # an existing entry is only replaced with --overwrite
     assert "already exists (use --overwrite" in capsys.readouterr().err
-    assert launch.main([*base, "--overwrite"]) == 0
+    assert launch.main([*base, "--overwrite", "--ema", "0.9"]) == 0
+    assert load_entry(tmp_path / "e")[1]["training"]["ema"] == 0.9
+    assert launch.main([*base, "--overwrite", "--ema", "1.5"]) == 2
+    assert "--ema must lie in [0, 1), got 1.5" in capsys.readouterr().err
 
 
 def test_log_loss_meta_objective_is_the_log_of_the_plain_one():

@@ -350,7 +350,7 @@ def test_cli_train_writes_a_loadable_entry(tmp_path):
     args = ["zoo", "train", "--rule", "dm", "--task", "quadratic", "--unroll", "3",
             "--iterations", "4", "--batch", "2", "--curriculum", "4,6",
             "--horizon", "4",  # the curriculum's first horizon: accepted (older cards have it)
-            "--device", "cpu", "--out", str(out)]
+            "--ema", "0.5", "--device", "cpu", "--out", str(out)]
     res = runner.invoke(app, args)
     assert res.exception is None and res.exit_code == 0, res.output
     rule, card = load_entry(out)
@@ -358,9 +358,10 @@ def test_cli_train_writes_a_loadable_entry(tmp_path):
     training = card["training"]
     assert training["meta_iterations"] == 4 and training["curriculum"] == [[0, 4], [2, 6]]
     assert card["tricks"]["random_scaling"] == 0 and training["meta_loss"] == "mean"
+    assert training["ema"] == 0.5
     assert card["command"] == (
         f"autol2o zoo train --rule dm --task quadratic --curriculum 0:4,2:6 --unroll 3 "
-        f"--iterations 4 --batch 2 --meta-lr 0.001 --lr-schedule constant --warmup 0 "
+        f"--iterations 4 --batch 2 --meta-lr 0.001 --lr-schedule constant --warmup 0 --ema 0.5 "
         f"--no-random-scaling --no-convex --validate-every 0 --val-runs 8 --seed 0 --out {out}")
     rows = json.loads(runner.invoke(app, ["zoo", "list", "--json", "--root", str(out.parent)])
                       .stdout)
