@@ -16,6 +16,7 @@ per setup on one core.  Writes ``benchmarks/results/meta_digits.md``.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from autol2o.meta import TrainConfig, build_task, evaluate, meta_train
-from autol2o.meta.evaluate import baseline
+from autol2o.meta.evaluate import baseline, sqrt2_grid
 from autol2o.optimizers import RNNprop
 
 RESULTS = Path(__file__).parent / "results" / "meta_digits.md"
@@ -32,10 +33,10 @@ SETUPS = {"plain": {}, "tricks": {"random_scaling": 3.0, "convex_combination": T
 
 def tuned_adam(task, runs: int) -> tuple[float, object]:
     best = None
-    for k in range(-24, 1):
-        res = evaluate(baseline("adam", 2 ** (k / 2)), task, 100, runs, seed=0)
+    for lr in sqrt2_grid():
+        res = evaluate(baseline("adam", lr), task, 100, runs, seed=0)
         if best is None or res.final_loss < best[1].final_loss:
-            best = (k / 2, res)
+            best = (math.log2(lr), res)
     return best
 
 

@@ -34,14 +34,14 @@ from pathlib import Path
 import torch
 
 from autol2o.meta import build_task
-from autol2o.meta.evaluate import baseline, evaluate
+from autol2o.meta.evaluate import baseline, evaluate, sqrt2_grid
 from autol2o.meta.tasks import preset_spec
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 LEARNED = ["rnnprop-mnist", "rnnprop-mix", "dm-mnist"]
 BASELINES = ["adam", "rmsprop", "sgd", "nag"]
-GRID = [2.0 ** (k / 2) for k in range(-24, 1)]  # 2^-12 .. 2^0 in powers of sqrt(2)
+GRID = sqrt2_grid()  # 2^-12 .. 2^0 in powers of sqrt(2)
 
 
 @dataclass

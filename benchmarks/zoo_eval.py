@@ -38,11 +38,11 @@ from pathlib import Path
 
 import torch
 
-from autol2o.meta import baseline, build_task, evaluate
+from autol2o.meta import baseline, build_task, evaluate, sqrt2_grid
 from autol2o.zoo import list_entries, load_entry, update_card
 
-FULL_GRID = [2.0 ** (k / 2) for k in range(-24, 1)]          # 2^-12 .. 2^0, step sqrt(2)
-CNN_GRID = [2.0 ** (k / 2) for k in range(-18, -9)]          # 2^-9 .. 2^-5
+FULL_GRID = sqrt2_grid()              # 2^-12 .. 2^0, step sqrt(2)
+CNN_GRID = sqrt2_grid(-9, -5)
 MIX_TASKS = (["mnist-nn-relu", "mnist-nn-elu", "mnist-nn-tanh"]
              + [f"mnist-nn-l{d}-sigmoid" for d in range(2, 11)]
              + ["mnist-cnn1", "mnist-cnn2", "sin-lstm"])

@@ -20,6 +20,7 @@ from autol2o.meta import (
     convex_term,
     evaluate,
     read_idx,
+    sqrt2_grid,
 )
 from autol2o.meta.data import load_mnist
 from autol2o.meta.tasks import generators, unflatten
@@ -221,3 +222,11 @@ def test_sin_lstm_follows_the_authors_sampling_and_old_specs_still_rebuild():
     assert yo.abs().max() <= 1.0 and (yo ** 2).mean() == pytest.approx(1 / 6, rel=0.1)
     card_specs = [t for t in load_entry("rnnprop-mix")[1]["tasks"] if t["kind"] == "sin_lstm"]
     assert card_specs and all(t["forget_bias"] == 1.0 and t["amp_max"] == 1.0 for t in card_specs)
+
+
+def test_sqrt2_grid_is_the_papers_learning_rate_grid():
+    grid = sqrt2_grid()
+    assert len(grid) == 25 and grid[0] == 2.0 ** -12 and grid[-1] == 1.0
+    assert all(b / a == pytest.approx(2 ** 0.5) for a, b in zip(grid, grid[1:]))
+    assert sqrt2_grid(-9, -5) == [2.0 ** -9, 2.0 ** -8.5, 2.0 ** -8, 2.0 ** -7.5, 2.0 ** -7,
+                                  2.0 ** -6.5, 2.0 ** -6, 2.0 ** -5.5, 2.0 ** -5]

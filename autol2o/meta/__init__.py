@@ -2,7 +2,7 @@
 
 from .cli_support import train_to_zoo
 from .data import load_dataset, load_digits, load_mnist, read_idx
-from .evaluate import EvalResult, baseline, evaluate, run_seeds
+from .evaluate import EvalResult, baseline, evaluate, run_seeds, sqrt2_grid
 from .tasks import (
                     CNNTask,
                     MLPTask,
@@ -20,5 +20,5 @@ __all__ = [
     "CNNTask", "EvalResult", "MLPTask", "MetaTrainResult", "ModuleTask", "Objective",
     "QuadraticTask", "SinLSTMTask", "Task", "TrainConfig", "baseline", "build_task",
     "convex_term", "evaluate", "load_dataset", "load_digits", "load_mnist", "meta_train",
-    "preset_spec", "read_idx", "run_seeds", "train_to_zoo",
+    "preset_spec", "read_idx", "run_seeds", "sqrt2_grid", "train_to_zoo",
 ]

@@ -69,6 +69,11 @@ def baseline(name: str, lr: float, **kwargs) -> OptimizerFactory:
                     "rmsprop, adagrad")
 
 
+def sqrt2_grid(lo: float = -12, hi: float = 0) -> list[float]:
+    """The paper's learning-rate grid for tuning baselines: 2^lo, 2^(lo + 1/2), ..., 2^hi."""
+    return [2.0 ** (k / 2) for k in range(round(2 * lo), round(2 * hi) + 1)]
+
+
 def run_seeds(seed: int, runs: int) -> list[int]:
     """Instance seeds of the protocol: run r of evaluation seed ``seed``."""
     return [mix_seed(seed, 0xE7A1, r) for r in range(runs)]
