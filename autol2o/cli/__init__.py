@@ -25,6 +25,12 @@ app = typer.Typer(
 _state = {"debug": False}
 
 
+def option_given(ctx: typer.Context, name: str) -> bool:
+    """Was option ``name`` typed on the command line (not left at its default)?  Compared by
+    name: typer >= 0.29 bundles its own click, with its own ParameterSource enum."""
+    return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
+
+
 @app.callback(invoke_without_command=True)
 def _root(
     ctx: typer.Context,

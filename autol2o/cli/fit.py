@@ -14,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from autol2o.cli import option_given  # defined before autol2o.cli imports this module
+
 FIT_HELP = """Train MODEL.py on DATA with the best learned optimizer from the zoo and compare it with
 Optuna-tuned Adam and SGD.  Without arguments: a bundled MLP on scikit-learn's digits."""
 
@@ -76,7 +78,7 @@ def fit(
     explicit = None
     if resume is not None:
         _check_resume_flags(ctx, resume)
-        explicit = {n for n in ("threads", "device", "n_jobs") if _given(ctx, n)}
+        explicit = {n for n in ("threads", "device", "n_jobs") if option_given(ctx, n)}
     reporter = Reporter(not quiet)
     # --json: stdout carries the report only, so whatever user code prints goes to stderr
     with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
@@ -95,16 +97,10 @@ def _check_resume_flags(ctx: typer.Context, resume: str) -> None:
     from autol2o.errors import UserError
 
     given = [p.opts[0] for p in ctx.command.params
-             if p.name not in RESUME_OK and p.name is not None and _given(ctx, p.name)]
+             if p.name not in RESUME_OK and p.name is not None and option_given(ctx, p.name)]
     if given:
         raise UserError(f"--resume continues {resume} with its saved settings; drop "
                         + ", ".join(given))
-
-
-def _given(ctx: typer.Context, name: str) -> bool:
-    """Was option ``name`` typed on the command line (not left at its default)?  Compared by
-    name: typer >= 0.29 bundles its own click, with its own ParameterSource enum."""
-    return getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"
 
 
 def print_leaderboard(report: dict) -> None:

@@ -177,9 +177,9 @@ def train_cmd(
     stages = _parse_curriculum(curriculum, iterations)
     # the curriculum sets the horizons; --horizon has a default, so only one given on the
     # command line can conflict (and an equal one is accepted: older cards' commands have it)
-    from autol2o.cli.fit import _given
+    from autol2o.cli import option_given
 
-    if stages and horizon != stages[0][1] and _given(ctx, "horizon"):
+    if stages and horizon != stages[0][1] and option_given(ctx, "horizon"):
         raise UserError(f"--horizon {horizon} conflicts with --curriculum, which starts at "
                         f"horizon {stages[0][1]} (the curriculum sets the horizons; drop --horizon)")
     tricks = rule == "rnnprop"  # the paper trains RNNprop with both tricks, DMoptimizer with none

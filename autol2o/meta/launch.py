@@ -43,7 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--task", action="append", dest="tasks")
     p.add_argument("--out", type=Path, help="zoo entry directory to write")
     p.add_argument("--dump-weights", type=Path,
-                   help="instead of a zoo entry, every rank saves its final meta-weights here")
+                   help="instead of a zoo entry, every rank saves its meta-weights here: the last "
+                        "iterate ('final') and the returned rule ('result': averaged with --ema, "
+                        "best by validation with --validate-every)")
     p.add_argument("--data-dir", type=Path)
     p.add_argument("--device", default="cpu")
     p.add_argument("--resume", action="store_true",
@@ -95,7 +97,8 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] |
             res = meta_train(rule, [build_task(t, args.data_dir, device) for t in tasks], config,
                              device=device, progress=False)
             args.dump_weights.mkdir(parents=True, exist_ok=True)
-            torch.save({"final": rule.state_dict(), "diverged": res.diverged,
+            torch.save({"final": rule.state_dict(), "result": res.rule.state_dict(),
+                        "diverged": res.diverged,
                         "history": res.history}, args.dump_weights / f"rank{rank}.pt")
         else:
             if args.out is None:
