@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -82,7 +83,36 @@ def test_dm_preprocessing_edge_values():
 
 
 # -- the network ------------------------------------------------------------------------------
-@pytest.mark.parametrize("make", [RNNprop, DMOptimizer])
+def test_rnnprop_magnitude_feature_is_log_rms_over_10():
+    """``magnitude=True`` appends log(s_t) / 10 to the paper's two features, which it leaves as
+    they were; a loss scale c shifts that feature by log(c) / 10 and nothing else."""
+    g = torch.tensor([0.5, -2.0, 1e-3, 0.0], dtype=torch.float64)
+    zeros, step = torch.zeros(4, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+    plain, _, _ = rnnprop_features(g, zeros, zeros, step, 0.95, 0.95, 1e-8)
+    mag, m, v = rnnprop_features(g, zeros, zeros, step, 0.95, 0.95, 1e-8, magnitude=True)
+    assert torch.equal(mag[:, :2], plain)
+    # first step: sqrt(v_hat) = |g|, so s = |g| + eps
+    want = [math.log(abs(x) + 1e-8) / 10 for x in g.tolist()]
+    assert mag[:, 2].tolist() == pytest.approx(want, rel=1e-12)
+    scaled, _, _ = rnnprop_features(1e3 * g[:3], zeros[:3], zeros[:3], step, 0.95, 0.95, 1e-300,
+                                    magnitude=True)
+    exact, _, _ = rnnprop_features(g[:3], zeros[:3], zeros[:3], step, 0.95, 0.95, 1e-300,
+                                   magnitude=True)
+    assert torch.allclose(scaled[:, :2], exact[:, :2], rtol=1e-12, atol=0)
+    assert torch.allclose(scaled[:, 2] - exact[:, 2], torch.full((3,), math.log(1e3) / 10,
+                                                                 dtype=torch.float64))
+
+
+def test_rnnprop_magnitude_config_round_trips_and_paper_config_is_unchanged():
+    from autol2o.optimizers.base import build_rule
+
+    assert "magnitude" not in RNNprop().config()  # old cards and new ones for the paper's rule agree
+    rule = build_rule(RNNprop(magnitude=True).config())
+    assert rule.magnitude and rule.input.in_features == 3
+    assert sum(p.numel() for p in rule.parameters()) == 6641 + 20
+
+
+@pytest.mark.parametrize("make", [RNNprop, DMOptimizer, partial(RNNprop, magnitude=True)])
 def test_fast_chunked_and_reference_paths_agree(make):
     torch.manual_seed(1)
     rule = make().double()

@@ -315,6 +315,7 @@ def test_cli_train_refuses_to_overwrite(entry, capsys):
     (["--meta-lr", "-1"], "--meta-lr must be a finite number > 0, got -1.0"),
     (["--meta-lr", "nan"], "--meta-lr must be a finite number > 0, got nan"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+    (["--rule", "dm", "--magnitude"], "--magnitude is an option of --rule rnnprop, not dm"),
 ])
 def test_cli_train_rejects_bad_options_before_creating_anything(tmp_path, capsys, extra, message):
     out = tmp_path / "e"
@@ -368,6 +369,18 @@ def test_cli_train_writes_a_loadable_entry(tmp_path):
     assert rows[0]["horizon"] == 6 and rows[0]["trained_on"] == ["quadratic"]
 
 
+def test_cli_train_magnitude_builds_the_log_rms_rule(tmp_path):
+    """`--magnitude`: the entry holds RNNprop with three inputs, its card says so and the
+    card's command repeats the flag, so that it reproduces the entry."""
+    out = tmp_path / "mag"
+    res = runner.invoke(app, [*TRAIN, "--magnitude", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    rule, card = load_entry(out)
+    assert rule.magnitude and rule.input.in_features == 3
+    assert card["rule_config"]["magnitude"] is True
+    assert " --magnitude " in card["command"]
+
+
 def test_cli_train_init_continues_from_an_entry(entry, tmp_path):
     """`--init` starts from the entry's weights (one step at a meta-lr far below float32
     resolution: identical updates) and the card
@@ -396,6 +409,8 @@ def test_cli_train_init_continues_from_an_entry(entry, tmp_path):
 
     res = runner.invoke(app, [*base, "--rule", "dm", "--out", str(tmp_path / "x")])
     assert res.exit_code != 0 and "holds a 'rnnprop' rule, not 'dm'" in str(res.exception)
+    res = runner.invoke(app, [*base, "--magnitude", "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "the entry's rule has no magnitude=True" in str(res.exception)
     blob = bytearray((entry / WEIGHTS_FILE).read_bytes())
     blob[-1] ^= 1
     (entry / WEIGHTS_FILE).write_bytes(bytes(blob))

@@ -135,6 +135,10 @@ def train_cmd(
     ema: Annotated[float, typer.Option(
         "--ema", help="Average the meta-weights: w_avg <- ema*w_avg + (1-ema)*w after each "
                       "update; validation and the entry use w_avg (0: off; e.g. 0.99).")] = 0.0,
+    magnitude: Annotated[bool, typer.Option(
+        "--magnitude", help="RNNprop with a third input, log of the gradient RMS (not in the "
+                            "paper: lets it learn momentum-SGD-like steps; see benchmarks/"
+                            "README.md).")] = False,
     init: Annotated[str | None, typer.Option(
         "--init", help="Start from this zoo entry's weights (name or directory) instead of "
                        "a random init.")] = None,
@@ -173,6 +177,8 @@ def train_cmd(
 
     if lr_schedule not in ("constant", "cosine"):
         raise UserError(f"--lr-schedule must be constant or cosine, got {lr_schedule!r}")
+    if magnitude and rule != "rnnprop":
+        raise UserError(f"--magnitude is an option of --rule rnnprop, not {rule}")
     device = resolve_device(device)
     stages = _parse_curriculum(curriculum, iterations)
     # the curriculum sets the horizons; --horizon has a default, so only one given on the
@@ -201,6 +207,7 @@ def train_cmd(
             "--unroll", unroll, "--iterations", iterations, "--batch", batch,
             "--meta-lr", meta_lr, "--lr-schedule", lr_schedule, "--warmup", warmup,
             *(["--ema", ema] if ema else []),
+            *(["--magnitude"] if magnitude else []),
             *(["--init", init] if init else []),
             "--random-scaling" if config.random_scaling else "--no-random-scaling",
             "--convex" if config.convex_combination else "--no-convex",
@@ -210,7 +217,8 @@ def train_cmd(
             "--seed", seed, "--out", out]
     command = "autol2o zoo train " + " ".join(shlex.quote(str(a)) for a in argv)
     path = train_to_zoo(rule, list(task or ["mlp-digits"]), config, out, data_dir, device,
-                        resume, command, init=init, overwrite=overwrite)
+                        resume, command, init=init, overwrite=overwrite,
+                        rule_options={"magnitude": True} if magnitude else None)
     typer.echo(str(path))
 
 

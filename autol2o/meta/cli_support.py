@@ -31,11 +31,13 @@ def resolve_device(device: str) -> str:
 
 def train_to_zoo(rule_name: str, task_names: list[str], config: TrainConfig, out: Path,
                  data_dir: Path | None, device: str, resume: bool, command: str,
-                 init: str | Path | None = None, overwrite: bool = False) -> Path:
+                 init: str | Path | None = None, overwrite: bool = False,
+                 rule_options: dict | None = None) -> Path:
     """Meta-train a ``rule_name`` rule on ``task_names`` and save it as zoo entry ``out``.
 
-    The rule starts from random weights, or from zoo entry ``init`` (a name or a directory,
-    checksum verified; its rule must be ``rule_name``) to continue training it.
+    The rule starts from random weights (built with ``rule_options``, e.g. ``{"magnitude":
+    True}``), or from zoo entry ``init`` (a name or a directory, checksum verified; its rule
+    must be ``rule_name`` and agree with ``rule_options``) to continue training it.
 
     The checkpoint lives in ``out/checkpoint/`` while training (``resume=True`` continues from
     it, and needs it) and is removed once the entry is written.  An existing entry, or an
@@ -67,13 +69,22 @@ def train_to_zoo(rule_name: str, task_names: list[str], config: TrainConfig, out
         if has_ckpt:
             raise UserError(f"{ckpt}: an interrupted run's checkpoint is here (use --resume to "
                             "continue it, or --overwrite to start over)")
+    options = dict(rule_options or {})
     torch.manual_seed(config.seed)  # the rule's random init is part of "seeds for everything"
-    rule = build_rule({"rule": rule_name})
+    try:
+        rule = build_rule({"rule": rule_name, **options})
+    except TypeError as exc:  # an option this rule does not have
+        raise UserError(f"rule {rule_name!r}: {exc}") from None
     init_from = None
     if init is not None:
         start, start_card = load_entry(init)
         if start.name != rule_name:
             raise UserError(f"--init {init}: entry holds a {start.name!r} rule, not {rule_name!r}")
+        # the entry's config wins; an option given that contradicts it is a mistake
+        clash = {k: v for k, v in options.items() if start.config().get(k) != v}
+        if clash:
+            raise UserError(f"--init {init}: the entry's rule has no "
+                            + ", ".join(f"{k}={v}" for k, v in clash.items()))
         rule = start
         init_from = {"entry": start_card.get("name", str(init)), "sha256": start_card.get("sha256"),
                      "meta_iterations": (start_card.get("training") or {}).get("meta_iterations")}

@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--meta-loss", choices=["last", "mean"])
     p.add_argument("--convex", action="store_true")
     p.add_argument("--log-loss", action="store_true", help="meta-train on log(loss)")
+    p.add_argument("--magnitude", action="store_true",
+                   help="RNNprop with the log-RMS input (see autol2o.optimizers.rnnprop)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = p.parse_args(argv)
     try:
@@ -83,6 +85,9 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] |
     # checked before joining the process group, so that a bad option fails every rank alike
     config = TrainConfig(**{k: v for k, v in kw.items() if v is not None},
                          convex_combination=args.convex, log_loss=args.log_loss)
+    options = {"magnitude": True} if args.magnitude else {}
+    if options and args.rule != "rnnprop":
+        p.error(f"--magnitude is an option of --rule rnnprop, not {args.rule}")
     rank, world, device = init_distributed(resolve_device(args.device))
     tasks = args.tasks or ["mlp-digits"]
     try:
@@ -93,7 +98,7 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] |
             from .tasks import build_task
 
             torch.manual_seed(config.seed)
-            rule = build_rule({"rule": args.rule})
+            rule = build_rule({"rule": args.rule, **options})
             res = meta_train(rule, [build_task(t, args.data_dir, device) for t in tasks], config,
                              device=device, progress=False)
             args.dump_weights.mkdir(parents=True, exist_ok=True)
@@ -106,7 +111,8 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] |
             command = "torchrun ... -m autol2o.meta.launch " + " ".join(
                 shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
             train_to_zoo(args.rule, tasks, config, args.out, args.data_dir, device, args.resume,
-                         command, init=args.init, overwrite=args.overwrite)
+                         command, init=args.init, overwrite=args.overwrite,
+                         rule_options=options)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

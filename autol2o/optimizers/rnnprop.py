@@ -14,6 +14,16 @@ Per coordinate, with gradient g at step t (moments start at zero, b1 = b2 = 0.95
 so no coordinate moves by more than ``out_scale`` = 0.1 in one step.  State per coordinate:
 m, v and the LSTM's h, c for 2 layers of 20 units: 2 + 2*2*20 = 82 floats.
 
+``magnitude=True`` (not in the paper) adds a third input, the log of the gradient's RMS::
+
+    x_t = [g / s_t, m^_t / s_t, log(s_t) / 10]
+
+The paper's two inputs make the rule blind to gradient magnitudes, so it can express Adam-like
+rules but not momentum SGD, whose step is proportional to the gradient; on the MNIST MLP tuned
+NAG beats every Adam variant (``benchmarks/headroom.py``).  With log(s_t) the LSTM's gates can
+form products such as s^a m^/s.  The price is the scale invariance below: the random-scaling
+trick then teaches the rule to cope with unknown scales instead of ignoring them by design.
+
 Scaling the loss by c > 0 scales g, m^_t and sqrt(v^_t) by c, so x_t is invariant up to eps: the
 relative change is about eps / sqrt(v^_t).  The updates are therefore scale-invariant only while
 gradients stay well above eps (|g| >> 1e-8); tiny ones (e.g. a loss scaled by 1e-5) change them.
@@ -32,8 +42,10 @@ from .lstm import CoordinateLSTM, truncated_normal_
 
 
 def rnnprop_features(grad: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: float,
-                     beta2: float, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Moment update and the two input features. Returns ``(features (N, 2), m_t, v_t)``.
+                     beta2: float, eps: float, magnitude: bool = False
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+    """Moment update and the input features. Returns ``(features (N, 2 or 3), m_t, v_t)``; the
+    third feature, log(s_t) / 10, only with ``magnitude``.
 
     ``step`` is the new step count t (scalar or per coordinate). Pure: inputs are not modified.
     """
@@ -41,7 +53,8 @@ def rnnprop_features(grad: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: fl
     v = beta2 * v + (1.0 - beta2) * grad * grad
     m_hat = m / (1.0 - torch.pow(beta1, step))
     s = torch.sqrt(v / (1.0 - torch.pow(beta2, step))) + eps
-    return torch.stack((grad / s, m_hat / s), dim=-1), m, v
+    feats = (grad / s, m_hat / s, torch.log(s) / 10.0) if magnitude else (grad / s, m_hat / s)
+    return torch.stack(feats, dim=-1), m, v
 
 
 @register
@@ -52,7 +65,8 @@ class RNNprop(LearnedRule):
     state_layout = {"m": 0, "v": 0, "h": 1, "c": 1}
 
     def __init__(self, hidden: int = 20, layers: int = 2, preproc: int = 20, beta1: float = 0.95,
-                 beta2: float = 0.95, eps: float = 1e-8, out_scale: float = 0.1):
+                 beta2: float = 0.95, eps: float = 1e-8, out_scale: float = 0.1,
+                 magnitude: bool = False):
         super().__init__()
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"beta1 and beta2 must lie in [0, 1), got {beta1}, {beta2}")
@@ -60,7 +74,8 @@ class RNNprop(LearnedRule):
             raise ValueError("eps and out_scale must be positive")
         self.hidden, self.layers, self.preproc = hidden, layers, preproc
         self.beta1, self.beta2, self.eps, self.out_scale = beta1, beta2, eps, out_scale
-        self.input = nn.Linear(2, preproc)
+        self.magnitude = bool(magnitude)
+        self.input = nn.Linear(3 if magnitude else 2, preproc)
         self.lstm = CoordinateLSTM(preproc, hidden, layers)
         self.output = nn.Linear(hidden, 1)
         for lin in (self.input, self.output):
@@ -70,7 +85,9 @@ class RNNprop(LearnedRule):
     def config(self) -> dict[str, Any]:
         return {"rule": self.name, "hidden": self.hidden, "layers": self.layers,
                 "preproc": self.preproc, "beta1": self.beta1, "beta2": self.beta2,
-                "eps": self.eps, "out_scale": self.out_scale}
+                "eps": self.eps, "out_scale": self.out_scale,
+                # only when set: the paper's rule keeps the config (and the cards) it always had
+                **({"magnitude": True} if self.magnitude else {})}
 
     def init_state(self, n: int, *, device=None, dtype=torch.float32) -> State:
         z = torch.zeros(self.layers, n, self.hidden, device=device, dtype=dtype)
@@ -95,7 +112,7 @@ def rnnprop_update(net: RNNprop, grad: Tensor, state: State, *,
     grad = grad.detach()
     step = state["step"] + 1
     feats, m, v = rnnprop_features(grad, state["m"], state["v"], step, net.beta1, net.beta2,
-                                   net.eps)
+                                   net.eps, net.magnitude)
     if reference or net.differentiable():
         x = F.elu(net.input(feats))
         lstm = net.lstm.reference if reference else net.lstm
