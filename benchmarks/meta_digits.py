@@ -13,7 +13,8 @@ NAG (momentum 0.95, the best hand-designed optimizer here in ``headroom.py``) tu
 
 Setups: ``plain`` (no tricks), ``tricks`` (random scaling r = 3 and the convex term, the paper's
 training setup, which buys generality at some cost on the training task itself), ``magnitude``
-(no tricks, ``RNNprop(magnitude=True)``: a third input, the log RMS of the gradient).  Every
+(no tricks, ``RNNprop(magnitude=True)``: a third input, the log RMS of the gradient),
+``magnitude-tricks`` (both; not in the default list, for time).  Every
 setup is trained at every ``--meta-lr`` and ``--seeds`` entry, about 5 minutes each on one core.
 Writes ``benchmarks/results/meta_digits.md``.
 """
@@ -38,6 +39,7 @@ SETUPS: dict[str, tuple[dict, dict]] = {
     "plain": ({}, {}),
     "tricks": ({"random_scaling": 3.0, "convex_combination": True}, {}),
     "magnitude": ({}, {"magnitude": True}),
+    "magnitude-tricks": ({"random_scaling": 3.0, "convex_combination": True}, {"magnitude": True}),
 }
 
 
