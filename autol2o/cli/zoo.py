@@ -173,12 +173,11 @@ def train_cmd(
 ) -> None:
     """Meta-train a learned optimizer and write it to the zoo as ``--out``."""
     from autol2o.errors import UserError
-    from autol2o.meta.cli_support import resolve_device
+    from autol2o.meta.cli_support import resolve_device, rule_options
 
     if lr_schedule not in ("constant", "cosine"):
         raise UserError(f"--lr-schedule must be constant or cosine, got {lr_schedule!r}")
-    if magnitude and rule != "rnnprop":
-        raise UserError(f"--magnitude is an option of --rule rnnprop, not {rule}")
+    options = rule_options(rule, magnitude)
     device = resolve_device(device)
     stages = _parse_curriculum(curriculum, iterations)
     # the curriculum sets the horizons; --horizon has a default, so only one given on the
@@ -218,7 +217,7 @@ def train_cmd(
     command = "autol2o zoo train " + " ".join(shlex.quote(str(a)) for a in argv)
     path = train_to_zoo(rule, list(task or ["mlp-digits"]), config, out, data_dir, device,
                         resume, command, init=init, overwrite=overwrite,
-                        rule_options={"magnitude": True} if magnitude else None)
+                        rule_options=options)
     typer.echo(str(path))
 
 

@@ -29,6 +29,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def rule_options(rule_name: str, magnitude: bool) -> dict:
+    """The rule options ``zoo train`` and ``meta.launch`` take, checked against the rule."""
+    if magnitude and rule_name != "rnnprop":
+        raise UserError(f"--magnitude is an option of --rule rnnprop, not {rule_name}")
+    return {"magnitude": True} if magnitude else {}
+
+
 def train_to_zoo(rule_name: str, task_names: list[str], config: TrainConfig, out: Path,
                  data_dir: Path | None, device: str, resume: bool, command: str,
                  init: str | Path | None = None, overwrite: bool = False,

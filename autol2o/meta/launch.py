@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UserError
-from .cli_support import resolve_device, train_to_zoo
+from .cli_support import resolve_device, rule_options, train_to_zoo
 from .trainer import TrainConfig, meta_train
 
 
@@ -85,9 +85,7 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] |
     # checked before joining the process group, so that a bad option fails every rank alike
     config = TrainConfig(**{k: v for k, v in kw.items() if v is not None},
                          convex_combination=args.convex, log_loss=args.log_loss)
-    options = {"magnitude": True} if args.magnitude else {}
-    if options and args.rule != "rnnprop":
-        p.error(f"--magnitude is an option of --rule rnnprop, not {args.rule}")
+    options = rule_options(args.rule, args.magnitude)
     rank, world, device = init_distributed(resolve_device(args.device))
     tasks = args.tasks or ["mlp-digits"]
     try:
