@@ -229,24 +229,28 @@ def test_embedded_default_and_default_run_dir(tmp_path, capsys, monkeypatch):
     assert len(list((tmp_path / "runs").iterdir())) == 2
 
 
-def test_fine_tune_saves_a_zoo_entry_in_the_run(tmp_path, capsys):
-    from autol2o.optimizers import RNNprop
+@pytest.mark.parametrize("entry, meta_loss", [("rnnprop-rand", "last"), ("dm-rand", "mean")])
+def test_fine_tune_saves_a_zoo_entry_in_the_run(tmp_path, capsys, entry, meta_loss):
+    """Fine-tuning writes a checksummed entry of the picked rule, meta-trained on that rule's
+    own meta-loss (RNNprop: last step of each unroll; DM: mean over the unroll)."""
+    from autol2o.optimizers import DMOptimizer, RNNprop
     from autol2o.zoo import load_entry
 
     x, y = blobs()
     write_csv(tmp_path / "data" / "train.csv", x, y)
     model = write_model(tmp_path)
     code, _, err = run_cli(["fit", model, tmp_path / "data", *FAST, "--fine-tune", "2",
-                            "--optimizer", "rnnprop-rand", "--baselines", "adam",
+                            "--optimizer", entry, "--baselines", "adam",
                             "--out", tmp_path / "run"], capsys)
     assert code == 0, err
     r = check_run(tmp_path / "run", n_contenders=2)
     ft = r["fine_tune"]
-    assert ft["iterations"] == 2 and ft["name"] == "rnnprop-rand-ft"
+    assert ft["iterations"] == 2 and ft["name"] == f"{entry}-ft"
     rule, card = load_entry(tmp_path / "run" / "fine-tuned")      # checksum-verified entry
-    assert isinstance(rule, RNNprop) and card["base"] == "rnnprop-rand"
+    assert isinstance(rule, DMOptimizer if entry == "dm-rand" else RNNprop)
+    assert card["base"] == entry and card["train_config"]["meta_loss"] == meta_loss
     learned = next(f for f in r["finals"] if f["kind"] == "learned")
-    assert learned["name"] == ("rnnprop-rand-ft" if ft["used"] else "rnnprop-rand")
+    assert learned["name"] == (f"{entry}-ft" if ft["used"] else entry)
     assert ft["used"] == (ft["best_iteration"] != 0
                           and ft["probe_val_loss_after"] <= ft["probe_val_loss_before"])
     assert r["verdict"]["compute"]["learned"]["search_steps"] == ft["optimizee_steps"]

@@ -256,11 +256,13 @@ def test_progress_without_a_terminal_prints_plain_lines(capsys):
 
 def test_validation_across_tasks_is_a_geometric_mean(monkeypatch):
     # losses on unrelated scales: each task's relative change must count the same
-    losses = iter([2.0, 0.01, 2.0, 0.02, 1.0, float("inf")])
+    # (final loss over the runs that stayed finite, runs that diverged) per evaluation
+    results = iter([(2.0, 0), (0.01, 0), (2.0, 0), (0.02, 0), (1.0, 0), (math.nan, 4),
+                    (1.0, 0), (0.01, 3)])
 
     class Res:
         def __init__(self):
-            self.final_loss = next(losses)
+            self.final_loss, self.diverged = next(results)
 
     monkeypatch.setattr(trainer_mod, "evaluate", lambda *a, **k: Res())
     cfg = TrainConfig(horizon=10, unroll=5)
@@ -268,7 +270,9 @@ def test_validation_across_tasks_is_a_geometric_mean(monkeypatch):
     assert trainer_mod._validate(_rule(), tasks, cfg) == pytest.approx(math.sqrt(2.0 * 0.01))
     # doubling the small task's loss is as bad as doubling the large one's
     assert trainer_mod._validate(_rule(), tasks, cfg) == pytest.approx(math.sqrt(2.0 * 0.02))
-    assert not math.isfinite(trainer_mod._validate(_rule(), tasks, cfg))  # a diverged task
+    assert trainer_mod._validate(_rule(), tasks, cfg) == math.inf  # every run diverged
+    # 3 of 4 runs diverged: the survivor's fine loss must not make these weights the best
+    assert trainer_mod._validate(_rule(), tasks, cfg) == math.inf
 
 
 @pytest.mark.parametrize("change, message", [
@@ -371,6 +375,38 @@ def test_launch_shares_the_checks_and_reports_one_line(tmp_path, capsys):
     assert load_entry(tmp_path / "e")[1]["training"]["ema"] == 0.9
     assert launch.main([*base, "--overwrite", "--ema", "1.5"]) == 2
     assert "--ema must lie in [0, 1), got 1.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [
+    ["--rule", "rnnprop"], ["--rule", "dm"], ["--rule", "rnnprop", "--no-convex"],
+    ["--rule", "dm", "--convex", "--meta-lr", "0.01", "--iterations", "7"]])
+def test_launch_builds_the_config_zoo_train_builds(tmp_path, monkeypatch, extra):
+    """The torchrun entry point defaults like ``zoo train`` (the rule's paper recipe: tricks
+    for RNNprop, the mean meta-loss for DM), so a scaled-out job trains what zoo train would."""
+    from typer.testing import CliRunner
+
+    import autol2o.meta as meta
+    from autol2o.cli import app
+    from autol2o.meta import launch
+
+    seen = []
+
+    def capture(rule, tasks, config, *a, **k):
+        seen.append(config.to_dict())
+        return tmp_path
+
+    monkeypatch.setattr(meta, "train_to_zoo", capture)
+    monkeypatch.setattr(launch, "train_to_zoo", capture)
+    base = ["--task", "quadratic", "--out", str(tmp_path / "e"), *extra]
+    res = CliRunner().invoke(app, ["zoo", "train", *base, "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert launch.main(base) == 0
+    assert len(seen) == 2 and seen[0] == seen[1]
+    dm = "dm" in extra
+    assert seen[0]["meta_loss"] == ("mean" if dm else "last")
+    assert seen[0]["random_scaling"] == (0.0 if dm else 3.0)
+    assert seen[0]["convex_combination"] == (("--convex" in extra) if dm
+                                             else "--no-convex" not in extra)
 
 
 def test_log_loss_meta_objective_is_the_log_of_the_plain_one():

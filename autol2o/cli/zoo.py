@@ -187,17 +187,19 @@ def train_cmd(
     if stages and horizon != stages[0][1] and option_given(ctx, "horizon"):
         raise UserError(f"--horizon {horizon} conflicts with --curriculum, which starts at "
                         f"horizon {stages[0][1]} (the curriculum sets the horizons; drop --horizon)")
-    tricks = rule == "rnnprop"  # the paper trains RNNprop with both tricks, DMoptimizer with none
-    from autol2o.meta import TrainConfig, train_to_zoo
+    from autol2o.meta import TrainConfig, paper_recipe, train_to_zoo
+
+    recipe = paper_recipe(rule)
 
     # validated here, before train_to_zoo creates anything
     config = TrainConfig(
         horizon=stages[0][1] if stages else horizon, unroll=unroll, iterations=iterations,
         meta_lr=meta_lr, lr_schedule=lr_schedule, warmup=warmup, ema=ema, batch=batch,
         seed=seed, curriculum=tuple(stages),
-        meta_loss="mean" if rule == "dm" else "last", log_loss=log_loss,
-        random_scaling=3.0 if (tricks if random_scaling is None else random_scaling) else 0.0,
-        convex_combination=tricks if convex is None else convex,
+        meta_loss=recipe["meta_loss"], log_loss=log_loss,
+        random_scaling=recipe["random_scaling"] if random_scaling is None else
+        (3.0 if random_scaling else 0.0),
+        convex_combination=recipe["convex_combination"] if convex is None else convex,
         validate_every=validate_every, val_runs=val_runs, checkpoint_every=checkpoint_every)
     # the canonical command (every setting explicit, --resume dropped) reproduces the entry
     argv = ["--rule", rule, *[a for t in (task or ["mlp-digits"]) for a in ("--task", t)],

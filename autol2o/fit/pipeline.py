@@ -314,7 +314,7 @@ class FitRun:
         if "fine_tune" in ph:
             f = ph["fine_tune"]
             return (load_rule(f["path"]), f["name"]) if f["used"] else (rule, name)
-        from autol2o.meta import ModuleTask, TrainConfig, meta_train
+        from autol2o.meta import ModuleTask, TrainConfig, meta_train, paper_recipe
         from autol2o.zoo import save_entry
 
         t0 = time.perf_counter()
@@ -323,7 +323,10 @@ class FitRun:
                           batch_size=cfg.batch_size, name=self.p.model.name, x_val=d.x_val,
                           y_val=d.y_val, device=self.p.device)
         horizon = min(cfg.steps, 100)
+        # the rule's own meta-loss (DM: the mean over the unroll), but no tricks: they buy
+        # generality across tasks, and fine-tuning is for this one task
         tc = TrainConfig(horizon=horizon, unroll=min(20, horizon), iterations=cfg.fine_tune,
+                         meta_loss=paper_recipe(rule.config()["rule"])["meta_loss"],
                          batch=4, seed=cfg.seed, validate_every=max(1, cfg.fine_tune // 4),
                          val_runs=2, checkpoint_every=max(1, cfg.fine_tune // 4))
         self.out.log(f"fine-tune: meta-training {name} for {cfg.fine_tune} iterations "

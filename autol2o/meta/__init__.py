@@ -14,11 +14,11 @@ from .tasks import (
                     convex_term,
                     preset_spec,
 )
-from .trainer import MetaTrainResult, Objective, TrainConfig, meta_train
+from .trainer import MetaTrainResult, Objective, TrainConfig, meta_train, paper_recipe
 
 __all__ = [
     "CNNTask", "EvalResult", "MLPTask", "MetaTrainResult", "ModuleTask", "Objective",
     "QuadraticTask", "SinLSTMTask", "Task", "TrainConfig", "baseline", "build_task",
     "convex_term", "evaluate", "load_dataset", "load_digits", "load_mnist", "meta_train",
-    "preset_spec", "read_idx", "run_seeds", "sqrt2_grid", "train_to_zoo",
+    "paper_recipe", "preset_spec", "read_idx", "run_seeds", "sqrt2_grid", "train_to_zoo",
 ]

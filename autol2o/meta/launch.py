@@ -5,6 +5,8 @@
 
 Each rank runs its own optimizee instances (seeds offset by rank); meta-gradients are averaged
 with ``all_reduce`` (gloo on CPU, NCCL on GPU) and rank 0 writes checkpoints and the zoo entry.
+Options and defaults are those of ``autol2o zoo train`` (``--random-scaling R`` takes r, 0: off);
+``--batch`` is per rank.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ import torch.distributed as dist
 
 from ..errors import UserError
 from .cli_support import resolve_device, rule_options, train_to_zoo
-from .trainer import TrainConfig, meta_train
+from .trainer import TrainConfig, meta_train, paper_recipe
+
+#: the defaults of ``autol2o zoo train`` where they differ from :class:`TrainConfig`'s
+#: (tests/test_meta_train.py checks that both entry points build the same config)
+LAUNCH_DEFAULTS = {"iterations": 200, "meta_lr": 1e-3, "checkpoint_every": 25}
 
 
 def init_distributed(device: str) -> tuple[int, int, str]:
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                       ("warmup", int), ("lr-schedule", str), ("ema", float)):
         p.add_argument(f"--{name}", type=typ)
     p.add_argument("--meta-loss", choices=["last", "mean"])
-    p.add_argument("--convex", action="store_true")
+    p.add_argument("--convex", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--log-loss", action="store_true", help="meta-train on log(loss)")
     p.add_argument("--magnitude", action="store_true",
                    help="RNNprop with the log-RMS input (see autol2o.optimizers.rnnprop)")
@@ -82,9 +88,16 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] |
           ("horizon", "unroll", "iterations", "batch", "meta-lr", "random-scaling", "seed",
            "validate-every", "val-runs", "checkpoint-every", "warmup", "lr-schedule",
            "meta-loss", "ema")}
+    # what is not given defaults as in ``autol2o zoo train`` (the rule's paper recipe: tricks on
+    # for RNNprop, the mean meta-loss for DM), so that a torchrun job trains what zoo train would
+    recipe = paper_recipe(args.rule)
+    given = {k: v for k, v in kw.items() if v is not None}
     # checked before joining the process group, so that a bad option fails every rank alike
-    config = TrainConfig(**{k: v for k, v in kw.items() if v is not None},
-                         convex_combination=args.convex, log_loss=args.log_loss)
+    config = TrainConfig(**{**LAUNCH_DEFAULTS, "meta_loss": recipe["meta_loss"],
+                            "random_scaling": recipe["random_scaling"], **given},
+                         convex_combination=(recipe["convex_combination"] if args.convex is None
+                                             else args.convex),
+                         log_loss=args.log_loss)
     options = rule_options(args.rule, args.magnitude)
     rank, world, device = init_distributed(resolve_device(args.device))
     tasks = args.tasks or ["mlp-digits"]

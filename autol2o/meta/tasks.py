@@ -107,7 +107,13 @@ class Task:
 
 
 class _DatasetTask(Task):
-    """Classification on an in-memory dataset: minibatch t of instance b from seed (b, t)."""
+    """Classification on an in-memory dataset: minibatch t of instance b from seed (b, t).
+
+    Examples are drawn with replacement from the whole split (MNIST: all 60,000 training
+    images), so that minibatch t of a run is a pure function of (seed, t): the same for every
+    optimizer compared and after a resume.  The authors' code reads TF's ``next_batch`` over
+    55,000 images shuffled once per epoch; at batch 128 and 100-10,000 steps the two differ only
+    in which examples repeat."""
 
     def __init__(self, spec, n_params, x: Tensor, y: Tensor, batch_size: int, device="cpu"):
         super().__init__(spec, n_params, device)

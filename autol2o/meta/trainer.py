@@ -8,8 +8,10 @@ detached and the run goes on.  With theta_{t+1} = theta_t + rule(g_t, s_t):
     "last" (RNNprop):  L = f(theta_{t0+T})                 (loss at the last step of the unroll)
     "mean" (DM):       L = (1/T) sum_{k=1..T} f(theta_{t0+k})
 
-averaged over the B instances.  Gradients g_t are computed without a graph (second derivatives
-dropped, as in both papers).  Tricks (Lv et al. 2017):
+averaged over the B instances.  Both score the parameters *after* each update, so every update
+of a segment gets a meta-gradient; the RNNprop authors' code scores the loss before each update
+(f(theta_{t0+T-1}) for "last"), where a segment's final update gets none.  Gradients g_t are
+computed without a graph (second derivatives dropped, as in both papers).  Tricks (Lv et al. 2017):
 
 * random scaling: per run and coordinate c = exp(U(-r, r)); the optimizee is f(c * theta) started
   from theta0 / c (same values, gradient scales spread over e^{2r});
@@ -49,9 +51,22 @@ from .tasks import Task, convex_term, generators, mix_seed
 CHECKPOINT = "checkpoint.pt"
 
 
+def paper_recipe(rule_name: str) -> dict[str, Any]:
+    """The :class:`TrainConfig` fields that depend on the rule in its paper's setup.
+
+    RNNprop (Lv et al. 2017) is trained on the loss at the last step of each unroll, with both
+    tricks (random scaling r = 3 and the convex term); DMoptimizer (Andrychowicz et al. 2016) on
+    the mean loss over the unroll, with neither.  ``zoo train`` and ``meta.launch`` default to
+    this; fine-tuning in ``autol2o fit`` takes the meta-loss from it."""
+    paper = rule_name == "rnnprop"
+    return {"meta_loss": "mean" if rule_name == "dm" else "last",
+            "random_scaling": 3.0 if paper else 0.0, "convex_combination": paper}
+
+
 @dataclass
 class TrainConfig:
-    """Meta-training hyperparameters (defaults: the RNNprop paper's setup)."""
+    """Meta-training hyperparameters: the paper's horizon, unroll and meta-optimizer.  The fields
+    that depend on the rule (meta-loss, tricks) default to off / "last": see :func:`paper_recipe`."""
 
     horizon: int = 100            #: optimizee steps per run
     unroll: int = 20              #: steps per truncated-BPTT segment (one meta-update)
@@ -342,9 +357,15 @@ def _validate(rule: LearnedRule, val_tasks: list[Task], config: TrainConfig) -> 
     With one task that is its loss.  Across tasks, losses live on unrelated scales (an MLP's
     cross-entropy near 2, a regression MSE near 0.01); an arithmetic mean would let the largest
     decide the best checkpoint alone, whereas a geometric mean weighs every task's *relative*
-    improvement equally.  A diverged task (NaN/inf) makes the score NaN, never the best."""
-    losses = [evaluate(rule, t, config.validation_steps, config.val_runs, config.val_seed).final_loss
-              for t in val_tasks]
+    improvement equally.  A validation run that diverges (NaN/inf) makes the score inf, never
+    the best: ``final_loss`` averages only the runs that stayed finite, so weights that blow up
+    on 7 of 8 runs would otherwise be scored, and maybe kept, on the one survivor."""
+    losses = []
+    for t in val_tasks:
+        res = evaluate(rule, t, config.validation_steps, config.val_runs, config.val_seed)
+        if res.diverged:
+            return math.inf
+        losses.append(res.final_loss)
     return float(np.exp(np.mean(np.log(np.maximum(losses, 1e-30)))))
 
 
@@ -495,7 +516,9 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
     best_rule = copy.deepcopy(averaged).requires_grad_(True)
     if best["weights"] is not None:
         best_rule.load_state_dict(best["weights"])
-    vals = [h["val_loss"] for h in history if "val_loss" in h]
+    # a diverged validation scores inf, which strict JSON (the card) cannot hold: null there
+    vals = [h["val_loss"] if math.isfinite(h["val_loss"]) else None
+            for h in history if "val_loss" in h]
     card = {
         "rule_config": rule.config(), "tasks": [t.spec for t in tasks],
         "tricks": {"random_scaling": config.random_scaling,
