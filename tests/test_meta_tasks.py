@@ -230,3 +230,16 @@ def test_sqrt2_grid_is_the_papers_learning_rate_grid():
     assert all(b / a == pytest.approx(2 ** 0.5) for a, b in zip(grid, grid[1:]))
     assert sqrt2_grid(-9, -5) == [2.0 ** -9, 2.0 ** -8.5, 2.0 ** -8, 2.0 ** -7.5, 2.0 ** -7,
                                   2.0 ** -6.5, 2.0 ** -6, 2.0 ** -5.5, 2.0 ** -5]
+
+
+def test_synthetic_test_split_is_held_out_data_of_the_same_problem():
+    from autol2o.meta.data import load_dataset
+
+    (xa, ya, _), (xb, yb, _) = load_dataset("synthetic"), load_dataset("synthetic", split="test")
+    assert xa.shape == xb.shape and not torch.equal(xa, xb)
+    # same clusters: per-class means agree across splits far closer than two classes' do
+    ma = torch.stack([xa[ya == k].mean(0) for k in range(10)])
+    mb = torch.stack([xb[yb == k].mean(0) for k in range(10)])
+    same = (ma - mb).norm(dim=1).max()
+    other = torch.cdist(ma, ma)[~torch.eye(10, dtype=torch.bool)].min()
+    assert same < 0.2 * other, (same, other)

@@ -91,11 +91,16 @@ def load_digits(split: str = "train") -> tuple[Tensor, Tensor, tuple[int, int, i
 
 
 @lru_cache(maxsize=4)
-def synthetic_classification(n: int = 2048, d: int = 32, classes: int = 10,
-                             seed: int = 0) -> tuple[Tensor, Tensor, tuple[int, int, int]]:
-    """Gaussian class clusters (a fixed random teacher): x in [0, 1] after a sigmoid squash."""
+def synthetic_classification(n: int = 2048, d: int = 32, classes: int = 10, seed: int = 0,
+                             split: str = "train") -> tuple[Tensor, Tensor, tuple[int, int, int]]:
+    """Gaussian class clusters (a fixed random teacher): x in [0, 1] after a sigmoid squash.
+
+    The clusters depend on ``seed`` only; ``split="test"`` draws other examples of the same
+    clusters (a held-out sample of the same problem, not a different problem)."""
     g = torch.Generator().manual_seed(seed)
     centers = torch.randn(classes, d, generator=g) * 1.5
+    if split != "train":
+        g = torch.Generator().manual_seed(seed + 0x7E570000)  # another stream, same clusters
     y = torch.randint(0, classes, (n,), generator=g)
     x = torch.sigmoid(centers[y] + torch.randn(n, d, generator=g))
     return x, y, (1, 1, d)
@@ -112,5 +117,5 @@ def load_dataset(name: str, data_dir: str | Path | None = None,
                             "(--data-dir DIR)")
         return load_mnist(str(Path(data_dir).resolve()), split)
     if name == "synthetic":
-        return synthetic_classification(seed=0 if split == "train" else 1)
+        return synthetic_classification(split=split)
     raise UserError(f"unknown dataset {name!r}; known: digits, mnist, synthetic")
