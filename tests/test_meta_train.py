@@ -409,6 +409,26 @@ def test_launch_builds_the_config_zoo_train_builds(tmp_path, monkeypatch, extra)
                                              else "--no-convex" not in extra)
 
 
+def test_launch_card_command_spells_out_every_setting_and_reproduces_the_entry(tmp_path):
+    """The card's command names every setting that decides the weights (not the defaults of the
+    day), and running it again gives the same weights."""
+    import shlex
+
+    from autol2o.meta import launch
+
+    assert launch.main(["--task", "quadratic", "--horizon", "4", "--unroll", "2", "--batch", "1",
+                        "--iterations", "3", "--no-convex", "--out", str(tmp_path / "a")]) == 0
+    card = load_entry(tmp_path / "a")[1]
+    words = shlex.split(card["command"])
+    assert words[:5] == ["torchrun", "--nproc_per_node", "1", "-m", "autol2o.meta.launch"]
+    for flag in ("--meta-lr", "--random-scaling", "--meta-loss", "--val-runs", "--seed"):
+        assert flag in words, flag
+    assert words[words.index("--random-scaling") + 1] == "3.0" and "--no-convex" in words
+    words[words.index("--out") + 1] = str(tmp_path / "b")
+    assert launch.main(words[5:]) == 0
+    assert load_entry(tmp_path / "b")[1]["sha256"] == card["sha256"]
+
+
 def test_log_loss_meta_objective_is_the_log_of_the_plain_one():
     task = build_task("quadratic")
     hist = {}

@@ -72,6 +72,26 @@ def test_round_trip_gives_identical_updates(tmp_path, cls):
     assert card["command"] == CARD["command"] and card["tasks"] == CARD["tasks"]
 
 
+def test_same_weights_give_the_same_bytes_and_checksum(tmp_path):
+    """safetensors writes its metadata in hash order; the zoo sorts the header so that a
+    retrained entry with identical weights matches its card's sha256 (and cached results)."""
+    import struct
+
+    torch.manual_seed(0)
+    rule = RNNprop()
+    blobs = []
+    for i in range(6):
+        save_entry(rule, tmp_path / str(i), {"name": "x"})
+        blobs.append((tmp_path / str(i) / "weights.safetensors").read_bytes())
+    assert all(b == blobs[0] for b in blobs)
+    n = struct.unpack("<Q", blobs[0][:8])[0]
+    header = blobs[0][8:8 + n].rstrip(b" ")
+    assert header == json.dumps(json.loads(header), sort_keys=True, separators=(",", ":")).encode()
+    loaded, _ = load_entry(tmp_path / "0")
+    for k, v in rule.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)
+
+
 def test_flipped_byte_is_rejected_naming_the_file(entry):
     w = entry / WEIGHTS_FILE
     data = bytearray(w.read_bytes())

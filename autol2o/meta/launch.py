@@ -42,6 +42,26 @@ def init_distributed(device: str) -> tuple[int, int, str]:
     return rank, world, device
 
 
+def canonical_command(rule: str, tasks: list[str], config: TrainConfig, options: dict,
+                      world: int, data_dir: Path | None, init: str | None, out: Path) -> str:
+    """The card's command: every setting that decides the weights spelled out (not the ones
+    that only say how to compute), so it reproduces the entry even if defaults change."""
+    c = config
+    argv = ["--rule", rule, *[a for t in tasks for a in ("--task", t)],
+            "--horizon", c.horizon, "--unroll", c.unroll, "--iterations", c.iterations,
+            "--batch", c.batch, "--meta-lr", c.meta_lr, "--lr-schedule", c.lr_schedule,
+            "--warmup", c.warmup, *(["--ema", c.ema] if c.ema else []),
+            *(["--magnitude"] if options.get("magnitude") else []),
+            *(["--init", init] if init else []),
+            "--random-scaling", c.random_scaling,
+            "--convex" if c.convex_combination else "--no-convex",
+            "--meta-loss", c.meta_loss, *(["--log-loss"] if c.log_loss else []),
+            "--validate-every", c.validate_every, "--val-runs", c.val_runs,
+            *(["--data-dir", data_dir] if data_dir else []), "--seed", c.seed, "--out", out]
+    return (f"torchrun --nproc_per_node {world} -m autol2o.meta.launch "
+            + " ".join(shlex.quote(str(a)) for a in argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m autol2o.meta.launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -73,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     args = p.parse_args(argv)
     try:
-        return _run(p, args, argv)
+        return _run(p, args)
     except UserError as exc:  # one line, as from the autol2o CLI
         if args.debug:
             raise
@@ -81,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
 
 
-def _run(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] | None) -> int:
+def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     kw = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in
@@ -119,8 +139,8 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str] |
         else:
             if args.out is None:
                 p.error("--out (or --dump-weights) is required")
-            command = "torchrun ... -m autol2o.meta.launch " + " ".join(
-                shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+            command = canonical_command(args.rule, tasks, config, options, world,
+                                        args.data_dir, args.init, args.out)
             train_to_zoo(args.rule, tasks, config, args.out, args.data_dir, device, args.resume,
                          command, init=args.init, overwrite=args.overwrite,
                          rule_options=options)

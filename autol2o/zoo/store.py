@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import platform
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,6 +216,20 @@ def load_rule(name_or_path: str | Path, root: Path | str | None = None) -> Learn
 
 
 # -- writing ----------------------------------------------------------------------------------
+def _canonical_header(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted.
+
+    safetensors writes the metadata dict in hash order, which changes from one process to the
+    next, so identical weights could get different bytes and a different sha256: a retrained
+    entry would not match its card's checksum, nor reuse results cached under it.  Sorting keeps
+    the header's length (same content), so the tensor offsets are untouched."""
+    n = struct.unpack("<Q", data[:8])[0]
+    text = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    if len(text) > n:  # cannot happen for the same content; keep the original if it ever did
+        return data
+    return data[:8] + text.ljust(n, b" ") + data[8 + n:]
+
+
 def save_entry(rule: LearnedRule, out_dir: Path | str, card: dict[str, Any], *,
                overwrite: bool = False) -> Path:
     """Write ``weights.safetensors`` and ``card.json`` into ``out_dir``; returns ``out_dir``.
@@ -230,7 +245,7 @@ def save_entry(rule: LearnedRule, out_dir: Path | str, card: dict[str, Any], *,
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone()
                for k, v in rule.state_dict().items()}
-    data = st_save(tensors, metadata={"format": "pt", "rule": rule.name})
+    data = _canonical_header(st_save(tensors, metadata={"format": "pt", "rule": rule.name}))
     from autol2o import __version__
 
     auto = {
