@@ -199,10 +199,10 @@ def test_regression_csv_with_entry_points(tmp_path, capsys):
     x = rng.normal(size=(80, 4))
     y = x @ np.array([1.0, -2.0, 0.5, 0.0]) + 0.1 * rng.normal(size=80)
     write_csv(tmp_path / "r.csv", x, y, target="target")
-    # a class `Model` entry point and a custom loss_fn
+    # a class `Model` entry point and a custom loss_fn, one of shape (1,) rather than 0-d
     (tmp_path / "reg.py").write_text(
         "import torch\nfrom torch import nn\n"
-        "def loss_fn(out, y):\n    return ((out.squeeze(1) - y) ** 2).mean()\n"
+        "def loss_fn(out, y):\n    return ((out - y[:, None]) ** 2).mean(0)\n"
         "class Model(nn.Module):\n"
         "    def __init__(self):\n        super().__init__()\n        self.l = nn.Linear(4, 1)\n"
         "    def forward(self, x):\n        return self.l(x)\n")

@@ -58,10 +58,14 @@ def test_interrupt_then_resume(tmp_path, capsys, monkeypatch):
     assert (run / "state.json").read_bytes() == before and not (tmp_path / "other").exists()
 
     # resume: the race is not re-run, adam is not re-tuned, sgd gets its 2 missing trials;
-    # --threads (how to compute, not what) is accepted and used
+    # --threads (how to compute, not what) is accepted and used.  The run is resumed after a
+    # move, as "--resume ." from inside it: the studies are still found by their saved names
     monkeypatch.setattr(pipeline, "train_run", real)
     calls.clear()
-    code, _, err = run_cli(["fit", "--resume", run, "--quiet", "--threads", "1"], capsys)
+    run = run.rename(tmp_path / "moved")
+    storage = f"sqlite:///{run / 'optuna.db'}"
+    monkeypatch.chdir(run)
+    code, _, err = run_cli(["fit", "--resume", ".", "--quiet", "--threads", "1"], capsys)
     assert code == 0, err
     r = json.loads((run / "report.json").read_text())
     assert r["status"] == "complete" and r["verdict"]["winner"]
@@ -123,3 +127,24 @@ def test_resume_takes_typed_runtime_flags_even_when_they_equal_the_default(tmp_p
     # the Python API cannot tell typed from default: only non-default values override
     cfg = pipeline.resume_config(saved, given, tmp_path)
     assert cfg.n_jobs == 4 and cfg.threads == 2
+
+
+def test_runs_started_in_the_same_second_never_share_a_directory(tmp_path, monkeypatch):
+    """The automatic run name has one-second resolution; the directory is claimed by mkdir
+    itself, so runs started together (a shell loop with &) each get their own."""
+    import threading
+
+    monkeypatch.setattr(pipeline.time, "strftime", lambda fmt, *a: "20260101-000000")
+    barrier, got = threading.Barrier(8), []
+
+    def start():
+        barrier.wait()
+        got.append(pipeline.new_run_dir(None, "m", base=tmp_path))
+
+    threads = [threading.Thread(target=start) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(got)) == 8 and all(d.is_dir() for d in got)
+    assert sorted(d.name for d in got)[:2] == ["20260101-000000-m", "20260101-000000-m-2"]

@@ -157,10 +157,16 @@ def new_run_dir(out: str | Path | None, model_name: str, base: Path = Path("runs
                             f"(choose another --out, or continue it with --resume {d})")
     else:
         stem = time.strftime("%Y%m%d-%H%M%S") + "-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", model_name)
-        d, k = base / stem, 1
-        while d.exists():
-            k += 1
-            d = base / f"{stem}-{k}"
+        k = 1
+        while True:  # claimed by mkdir itself: two runs started in the same second never share
+            d = base / (stem if k == 1 else f"{stem}-{k}")
+            try:
+                d.mkdir(parents=True)
+                break
+            except FileExistsError:
+                k += 1
+            except OSError as e:
+                raise UserError(f"{d}: cannot write the run directory ({e.strerror or e})") from e
     try:
         d.mkdir(parents=True, exist_ok=True)
         probe = d / ".write-test"
@@ -197,7 +203,10 @@ class FitRun:
         self.state.setdefault("phases", {})
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.storage_url = cfg.storage or f"sqlite:///{(self.dir / 'optuna.db').resolve()}"
-        self.study_prefix = cfg.study or self.dir.name
+        # fixed when the run is created and kept in its state: resuming through another path to
+        # the same run (``--resume .``, a moved or renamed directory) must find the same studies
+        self.state.setdefault("study_prefix", cfg.study or self.dir.resolve().name)
+        self.study_prefix = self.state["study_prefix"]
         self.finals: dict[str, list[RunResult]] = {}
         self.finals_specs: list[OptSpec] = []
         self.race_runs: list[RunResult] = []

@@ -37,6 +37,11 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _as_scalar(loss):
+    """A one-element tensor as 0-d (anything else unchanged, for :meth:`Problem.check` to judge)."""
+    return loss.reshape(()) if isinstance(loss, Tensor) and loss.numel() == 1 else loss
+
+
 @dataclass
 class UserModel:
     """How to build fresh copies of the user's model, plus its optional ``task``/``loss_fn``."""
@@ -184,7 +189,11 @@ class Problem:
             if self.task == "regression":
                 self.data.y_train = self.data.y_train.float()
                 self.data.y_val = self.data.y_val.float()
-        self.loss_fn = self.model.loss_fn or default_loss(self.task)
+        user_loss = self.model.loss_fn
+        # a user loss of shape (1,) (e.g. ``.mean(0)`` over (N, 1) outputs) is the scalar it
+        # holds: reshaped here once, so every caller (training, tuning, fine-tuning) gets a 0-d loss
+        self.loss_fn = (default_loss(self.task) if user_loss is None else
+                        lambda out, y: _as_scalar(user_loss(out, y)))
         d = self.device
         self.data.x_train, self.data.y_train = self.data.x_train.to(d), self.data.y_train.to(d)
         self.data.x_val, self.data.y_val = self.data.x_val.to(d), self.data.y_val.to(d)
