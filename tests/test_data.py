@@ -100,6 +100,49 @@ def test_idx_and_images(tmp_path):
         load_data(tmp_path / "im")
 
 
+def test_16_bit_and_mixed_images_keep_their_values(tmp_path):
+    """16-bit grey PNGs are scaled by 65535 (not clipped at 255); with one RGB image in the
+    folder, grey images become 3 equal channels."""
+    from PIL import Image
+
+    vals = np.array([[0, 1000, 30000, 65535]] * 4, dtype=np.uint16)
+    for c in ("a", "b"):
+        (tmp_path / "im" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(vals).save(tmp_path / "im" / c / f"{i}.png")
+    d = load_data(tmp_path / "im")
+    allx = torch.cat([d.x_train, d.x_val])
+    assert allx.shape[1:] == (1, 4, 4)
+    assert torch.allclose(allx[0, 0, 0], torch.tensor([0, 1000, 30000, 65535]) / 65535.0)
+    rgb = np.zeros((4, 4, 3), dtype=np.uint8)
+    rgb[..., 0] = 255
+    Image.fromarray(rgb).save(tmp_path / "im" / "a" / "rgb.png")
+    d = load_data(tmp_path / "im")
+    allx = torch.cat([d.x_train, d.x_val])
+    assert allx.shape[1:] == (3, 4, 4)
+    red = [x for x in allx if x[0].min() == 1.0 and x[1].max() == 0.0]
+    grey = [x for x in allx if torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])]
+    assert len(red) == 1 and len(grey) == 6
+    assert torch.allclose(grey[0][0, 0], torch.tensor([0, 1000, 30000, 65535]) / 65535.0)
+
+
+def test_npz_image_arrays_uint8_scaled_float_as_given(tmp_path):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(20, 1, 4, 4)).astype(np.uint8)
+    y = np.arange(20) % 2
+    np.savez(tmp_path / "u8.npz", X=imgs, y=y)
+    d = load_data(tmp_path / "u8.npz")
+    allx = torch.cat([d.x_train, d.x_val])
+    assert not d.standardized and 0.0 <= allx.min() and allx.max() <= 1.0
+    assert sorted((allx * 255).round().flatten().tolist()) == sorted(imgs.flatten().tolist())
+    assert any("uint8 inputs scaled to [0, 1]" in n for n in d.notes)
+    np.savez(tmp_path / "f.npz", X=imgs.astype(np.float32) * 3, y=y)
+    d = load_data(tmp_path / "f.npz")
+    allx = torch.cat([d.x_train, d.x_val])
+    assert sorted(allx.flatten().tolist()) == sorted((imgs.astype(np.float32) * 3).flatten().tolist())
+    assert any("used as given" in n for n in d.notes)
+
+
 def test_bad_idx_and_builtins(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "train-images-idx3-ubyte.gz").write_bytes(b"not gzip")

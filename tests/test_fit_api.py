@@ -131,3 +131,22 @@ def test_storage_password_never_reaches_run_files(tmp_path, monkeypatch):
             restore_storage(FitConfig.from_dict({"storage": saved}), given, tmp_path)
     plain = FitConfig.from_dict({"storage": "sqlite:///x.db"})
     assert restore_storage(plain, None, tmp_path).storage == "sqlite:///x.db"
+
+
+def test_single_logit_classification_reports_no_accuracy(tmp_path):
+    """Binary classification with one logit and a custom BCE loss: argmax over one column means
+    nothing, so accuracy is null (not 0.0, not the share of class 0); the loss still counts."""
+    x, y = blobs(120, k=2)
+    x = torch.tensor(x, dtype=torch.float32)
+    y = torch.tensor(y)
+    tr = DataLoader(TensorDataset(x[:90], y[:90]), batch_size=32)
+    va = DataLoader(TensorDataset(x[90:], y[90:]), batch_size=64)
+
+    def bce(out, t):
+        return nn.functional.binary_cross_entropy_with_logits(out[:, 0], t.float())
+
+    res = autol2o.optimize(nn.Linear(6, 1), tr, va, steps=10, trials=2, seeds=1, loss_fn=bce,
+                           task="classification", out=tmp_path / "run", progress=False)
+    rows = res.leaderboard
+    assert rows and all(r["val_acc_mean"] is None for r in rows)
+    assert all(r["val_loss_mean"] is not None for r in rows)

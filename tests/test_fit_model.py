@@ -63,6 +63,30 @@ def test_seeded_initial_weights(tmp_path):
     assert torch.equal(weights(um.build(1)), weights(um.build(1)))
 
 
+def test_dropout_masks_follow_the_run_seed(tmp_path):
+    """Model randomness (dropout) is seeded per run: the same seed and optimizer give the same
+    run whatever happened to the global generator before, and the global state is restored."""
+    from autol2o.fit.train import OptSpec, train_run
+
+    (tmp_path / "d.py").write_text(
+        "from torch import nn\ndef build_model():\n"
+        "    return nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3))\n")
+    x, y = blobs(60)
+    p = Problem(load_model_file(tmp_path / "d.py"),
+                from_tensors(torch.tensor(x, dtype=torch.float32), torch.tensor(y)), "cpu")
+    p.check()
+    adam = OptSpec("adam", "adam", {"lr": 0.01})
+    runs = []
+    for junk in (1, 7):
+        torch.rand(junk)  # disturb the global generator differently before each run
+        before = torch.random.get_rng_state()
+        runs.append(train_run(p, adam, steps=10, seed=3, batch_size=16, eval_every=5))
+        assert torch.equal(torch.random.get_rng_state(), before)
+    assert runs[0].val_loss == runs[1].val_loss and runs[0].train_loss == runs[1].train_loss
+    other = train_run(p, adam, steps=10, seed=4, batch_size=16, eval_every=5)
+    assert other.train_loss != runs[0].train_loss
+
+
 def test_bad_task_and_loss(tmp_path):
     (tmp_path / "t.py").write_text("task = 'ranking'\nfrom torch import nn\nmodel = nn.Linear(2, 2)\n")
     with pytest.raises(UserError, match="t.py: task must be"):

@@ -148,3 +148,41 @@ def test_runs_started_in_the_same_second_never_share_a_directory(tmp_path, monke
         t.join()
     assert len(set(got)) == 8 and all(d.is_dir() for d in got)
     assert sorted(d.name for d in got)[:2] == ["20260101-000000-m", "20260101-000000-m-2"]
+
+
+def test_a_run_saves_its_zoo_and_optimizer_as_absolute_paths(tmp_path, monkeypatch, capsys):
+    """--zoo / AUTOL2O_ZOO / --optimizer given relative to the working directory are pinned
+    when the run is created, so --resume from elsewhere races the same entries."""
+    from pathlib import Path
+
+    from autol2o.fit import FitConfig, pin_zoo
+
+    root = Path(os.environ["AUTOL2O_ZOO"])  # the tiny zoo of the autouse fixture
+
+    monkeypatch.chdir(root.parent)
+    cfg = pin_zoo(FitConfig(zoo="zoo", optimizer="zoo/dm-rand"))
+    assert cfg.zoo == str(root.resolve()) and cfg.optimizer == str((root / "dm-rand").resolve())
+    assert pin_zoo(FitConfig(optimizer="dm-rand")).optimizer == "dm-rand"  # a name stays one
+    monkeypatch.setenv("AUTOL2O_ZOO", "zoo")
+    assert pin_zoo(FitConfig()).zoo == str(root.resolve())
+    # end to end: a run started with a relative --zoo, interrupted, resumes from elsewhere
+    x, y = blobs()
+    data = write_csv(tmp_path / "d" / "train.csv", x, y).parent
+    model = write_model(tmp_path)
+    real = pipeline.train_run
+
+    def ctrl_c_in_first_sgd_trial(problem, opt, **kw):
+        if opt.kind == "sgd":
+            raise KeyboardInterrupt
+        return real(problem, opt, **kw)
+
+    monkeypatch.setattr(pipeline, "train_run", ctrl_c_in_first_sgd_trial)
+    code, _, err = run_cli(["fit", model, data, "--steps", "10", "--trials", "2", "--seeds", "1",
+                            "--quiet", "--zoo", "zoo", "--out", tmp_path / "run"], capsys)
+    assert code == 130, err
+    monkeypatch.setattr(pipeline, "train_run", real)
+    monkeypatch.chdir(tmp_path / "d")   # "zoo" means nothing here
+    code, _, err = run_cli(["fit", "--resume", tmp_path / "run", "--quiet"], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert r["status"] == "complete" and r["config"]["zoo"] == str(root.resolve())

@@ -17,7 +17,8 @@ found.  Rules:
   classification when every class has at least two examples);
 * tabular inputs (2-D ``X``) are standardised, ``x' = (x - mu) / sigma``, with ``mu`` and
   ``sigma`` from the *training* split only (``sigma = 1`` for constant columns), so no validation
-  statistic leaks into training.  Images are scaled to ``[0, 1]`` instead.
+  statistic leaks into training.  Images (folders, IDX, and uint8 arrays of 3 or more
+  dimensions in NPZ/NPY) are scaled to ``[0, 1]`` instead; other such arrays are used as given.
 
 Every problem is a :class:`autol2o.errors.UserError` naming the file.
 """
@@ -311,6 +312,19 @@ def _load_idx_dir(p, files, seed, task, val_fraction) -> FitData:
     return data
 
 
+def _image_array(im) -> np.ndarray:
+    """One image as float32 (channels, height, width) in [0, 1]: grey images (8- or 16-bit) as
+    one channel, anything else as RGB.  16-bit images are scaled by 65535; ``convert("L")``
+    would clip them at 255 and leave a nearly binary picture."""
+    if im.mode.startswith("I;16") or im.mode == "I":  # "I": how Pillow opens many 16-bit PNGs
+        a = np.clip(np.asarray(im, dtype=np.float32) / 65535.0, 0.0, 1.0)
+    elif im.mode in ("L", "1"):
+        a = np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    else:
+        return np.asarray(im.convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255.0
+    return a[None]
+
+
 def _load_image_folder(p, subdirs, seed, task, val_fraction) -> FitData:
     from PIL import Image, UnidentifiedImageError
 
@@ -322,23 +336,20 @@ def _load_image_folder(p, subdirs, seed, task, val_fraction) -> FitData:
         items += [(f, ci) for f in imgs]
     if not items:
         raise UserError(f"{p}: image folder has class sub-folders but no PNG/JPEG files")
-    pics = []
+    arrs, size = [], None
     for f, _ in items:
         try:
             with Image.open(f) as im:
-                pics.append(im.convert("RGB") if im.mode not in ("L", "1", "I;16") else
-                            im.convert("L"))
+                if size is None:
+                    size = im.size
+                if im.size != size:
+                    raise UserError(f"{f}: image size {im.size[0]}x{im.size[1]} differs from "
+                                    f"{size[0]}x{size[1]} of the first image")
+                arrs.append(_image_array(im))
         except (UnidentifiedImageError, OSError) as e:
             raise UserError(f"{f}: cannot read image ({type(e).__name__})") from None
-    mode = "RGB" if any(im.mode == "RGB" for im in pics) else "L"
-    size = pics[0].size
-    arrs = []
-    for (f, _), im in zip(items, pics):
-        if im.size != size:
-            raise UserError(f"{f}: image size {im.size[0]}x{im.size[1]} differs from "
-                            f"{size[0]}x{size[1]} of the first image")
-        a = np.asarray(im.convert(mode), dtype=np.float32) / 255.0
-        arrs.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+    if any(a.shape[0] == 3 for a in arrs):  # a mixed folder: grey images as RGB, like PIL does
+        arrs = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrs]
     x = np.stack(arrs)
     y = np.array([ci for _, ci in items], dtype=np.int64)
     data = _finish(x, y, None, None, p, "images", seed, task or "classification", val_fraction,
@@ -502,6 +513,14 @@ def _finish(x, y, xv, yv, where, fmt, seed, task, val_fraction, *, tabular,
         split = f"random {round(100 * (1 - val_fraction))}/{round(100 * val_fraction)}, seed {seed}"
 
     mean = std = None
+    notes = []
+    if fmt in ("npz", "npy") and not tabular:
+        # arrays of images: 8-bit ones are scaled like image files; others are used as given
+        if x.dtype == np.uint8 and xv.dtype == np.uint8:
+            x, xv = x / 255.0, xv / 255.0
+            notes.append(f"{x.ndim - 1}-D uint8 inputs scaled to [0, 1] (x / 255)")
+        else:
+            notes.append(f"{x.ndim - 1}-D inputs used as given (not standardised or rescaled)")
     x = x.astype(np.float64)
     xv = xv.astype(np.float64)
     if tabular:
@@ -516,7 +535,7 @@ def _finish(x, y, xv, yv, where, fmt, seed, task, val_fraction, *, tabular,
         y_val=torch.as_tensor(np.asarray(yv, dtype=np.int64 if task == "classification"
                                          else np.float64), dtype=ydt),
         task=task, source=source or str(where), format=fmt, n_classes=n_classes, classes=classes,
-        standardized=tabular, mean=mean, std=std, split=split,
+        standardized=tabular, mean=mean, std=std, split=split, notes=notes,
     )
 
 

@@ -355,7 +355,9 @@ class FitRun:
         r_new = train_run(self.p, OptSpec("learned", ft_name, rule=res.rule), steps=probe,
                           seed=cfg.seed, batch_size=cfg.batch_size)
         # best_iteration 0: validation kept the starting weights, so there is nothing new to use
-        used = res.best_iteration != 0 and r_new.final_val_loss <= r_old.final_val_loss
+        # (None: validation never scored a finite loss; a diverged probe is never "not worse")
+        used = (res.best_iteration not in (0, None) and math.isfinite(r_new.final_val_loss)
+                and r_new.final_val_loss <= r_old.final_val_loss)
         n_val = sum("val_loss" in h for h in res.history) + 1  # + the starting weights' check
         self.timings["fine_tune"] = time.perf_counter() - t0
         ph["fine_tune"] = {

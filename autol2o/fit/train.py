@@ -115,14 +115,18 @@ def evaluate(model: nn.Module, problem: Problem, chunk: int = 2048) -> tuple[flo
     model.eval()
     x, y = problem.data.x_val, problem.data.y_val
     total, correct = 0.0, 0.0
+    # accuracy = argmax over class scores; an output that is not (N, classes >= 2) (possible
+    # with a custom loss_fn, e.g. one logit for BCE) has no argmax meaning: reported as null
+    scored = problem.task == "classification"
     for i in range(0, len(x), chunk):
         out = model(x[i:i + chunk])
         yb = y[i:i + chunk]
         total += float(problem.loss_fn(out, yb)) * len(yb)
-        if problem.task == "classification" and out.ndim == 2:
+        scored = scored and out.ndim == 2 and out.shape[1] >= 2
+        if scored:
             correct += float(accuracy(out, yb)) * len(yb)
     model.train()
-    acc = correct / len(x) if problem.task == "classification" else None
+    acc = correct / len(x) if scored else None
     return total / len(x), acc
 
 
@@ -155,10 +159,30 @@ def train_run(problem: Problem, opt: OptSpec, *, steps: int, seed: int, batch_si
     ``on_eval(step, val_loss)`` is called after every validation (Optuna reports and prunes
     there; it may raise).  Returns the curves; ``state`` holds the final weights when
     ``keep_state``.
+
+    Randomness inside the model (dropout, noise layers) draws from torch's global generator,
+    which is seeded from ``seed`` for the run and restored afterwards: every contender and trial
+    with a seed sees the same masks, and a resumed run repeats an uninterrupted one.
     """
+    dev = torch.device(problem.device)
+    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] \
+        if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        model = problem.initial(seed)  # may draw the seed's weights (first use): before seeding
+        torch.manual_seed(seed + MODEL_RNG_OFFSET)
+        return _train_run(problem, model, opt, steps=steps, seed=seed, batch_size=batch_size,
+                          eval_every=eval_every, on_eval=on_eval, keep_state=keep_state)
+
+
+#: the run's model-randomness stream is seed + this, apart from the seed's weight init
+MODEL_RNG_OFFSET = 0x5EED
+
+
+def _train_run(problem: Problem, model: nn.Module, opt: OptSpec, *, steps: int, seed: int,
+               batch_size: int, eval_every: int | None,
+               on_eval: Callable[[int, float], None] | None, keep_state: bool) -> RunResult:
     eval_every = eval_every or default_eval_every(steps)
     t0 = time.perf_counter()
-    model = problem.initial(seed)
     model.train()
     optimizer = opt.build(model)
     x, y = problem.data.x_train, problem.data.y_train
