@@ -432,6 +432,9 @@ class FitRun:
                 b = best_trial(study)
                 adv(note=f"best {_fmt(b.value) if b else '-'}")
 
+            # the trials' starting model is drawn here, once: with --n-jobs > 1, threads drawing
+            # it at the same time from torch's global generator could get mixed-up weights
+            self.p.initial(cfg.seed)
             run_study(study, objective, cfg.trials, n_jobs=cfg.n_jobs, on_trial=on_trial)
         self.timings[f"tune_{kind}"] = self.timings.get(f"tune_{kind}", 0.0) + \
             time.perf_counter() - t0

@@ -162,7 +162,8 @@ def train_run(problem: Problem, opt: OptSpec, *, steps: int, seed: int, batch_si
 
     Randomness inside the model (dropout, noise layers) draws from torch's global generator,
     which is seeded from ``seed`` for the run and restored afterwards: every contender and trial
-    with a seed sees the same masks, and a resumed run repeats an uninterrupted one.
+    with a seed sees the same masks, and a resumed run repeats an uninterrupted one.  (Trials
+    run in parallel threads, ``--n-jobs > 1``, share that generator, so their masks interleave.)
     """
     dev = torch.device(problem.device)
     cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] \
