@@ -155,16 +155,16 @@ def test_a_run_saves_its_zoo_and_optimizer_as_absolute_paths(tmp_path, monkeypat
     when the run is created, so --resume from elsewhere races the same entries."""
     from pathlib import Path
 
-    from autol2o.fit import FitConfig, pin_zoo
+    from autol2o.fit import FitConfig, pin_paths
 
     root = Path(os.environ["AUTOL2O_ZOO"])  # the tiny zoo of the autouse fixture
 
     monkeypatch.chdir(root.parent)
-    cfg = pin_zoo(FitConfig(zoo="zoo", optimizer="zoo/dm-rand"))
+    cfg = pin_paths(FitConfig(zoo="zoo", optimizer="zoo/dm-rand"))
     assert cfg.zoo == str(root.resolve()) and cfg.optimizer == str((root / "dm-rand").resolve())
-    assert pin_zoo(FitConfig(optimizer="dm-rand")).optimizer == "dm-rand"  # a name stays one
+    assert pin_paths(FitConfig(optimizer="dm-rand")).optimizer == "dm-rand"  # a name stays one
     monkeypatch.setenv("AUTOL2O_ZOO", "zoo")
-    assert pin_zoo(FitConfig()).zoo == str(root.resolve())
+    assert pin_paths(FitConfig()).zoo == str(root.resolve())
     # end to end: a run started with a relative --zoo, interrupted, resumes from elsewhere
     x, y = blobs()
     data = write_csv(tmp_path / "d" / "train.csv", x, y).parent
@@ -178,11 +178,20 @@ def test_a_run_saves_its_zoo_and_optimizer_as_absolute_paths(tmp_path, monkeypat
 
     monkeypatch.setattr(pipeline, "train_run", ctrl_c_in_first_sgd_trial)
     code, _, err = run_cli(["fit", model, data, "--steps", "10", "--trials", "2", "--seeds", "1",
-                            "--quiet", "--zoo", "zoo", "--out", tmp_path / "run"], capsys)
+                            "--quiet", "--zoo", "zoo", "--storage", "sqlite:///trials.db",
+                            "--out", tmp_path / "run"], capsys)
     assert code == 130, err
     monkeypatch.setattr(pipeline, "train_run", real)
-    monkeypatch.chdir(tmp_path / "d")   # "zoo" means nothing here
+    monkeypatch.chdir(tmp_path / "d")   # "zoo" and "trials.db" mean nothing here
+    # another storage would start the tuning over: refused, nothing touched
+    code, _, err = run_cli(["fit", "--resume", tmp_path / "run", "--storage", "sqlite:///o.db"],
+                           capsys)
+    assert code == 2 and "--resume keeps that storage (drop --storage sqlite:///o.db)" in err, err
+    assert not (tmp_path / "d" / "o.db").exists()
     code, _, err = run_cli(["fit", "--resume", tmp_path / "run", "--quiet"], capsys)
     assert code == 0, err
     r = json.loads((tmp_path / "run" / "report.json").read_text())
     assert r["status"] == "complete" and r["config"]["zoo"] == str(root.resolve())
+    assert r["config"]["storage"] == f"sqlite:///{root.parent.resolve() / 'trials.db'}"
+    assert r["tuning"]["adam"]["n_trials"] == 2   # found where they were, not run again
+    assert not (tmp_path / "d" / "trials.db").exists()

@@ -123,6 +123,36 @@ def test_storages(tmp_path):
         make_storage("sqlite:////nonexistent-dir/x/y.db", attempts=2)
 
 
+def test_file_storages_are_relative_with_three_slashes_and_pinned_absolute(tmp_path, monkeypatch):
+    """journal:///f.log, like sqlite:///f.db, is relative to the working directory (four slashes:
+    absolute); pin_storage makes either absolute, for a run to save."""
+    from autol2o.tuning import pin_storage
+
+    monkeypatch.chdir(tmp_path)
+    make_storage("journal:///rel.log")
+    assert (tmp_path / "rel.log").exists()
+    make_storage("journal:rel2.journal")
+    assert (tmp_path / "rel2.journal").exists()
+    assert pin_storage("sqlite:///x.db") == f"sqlite:///{tmp_path / 'x.db'}"
+    assert pin_storage("journal:///j.log") == f"journal:///{tmp_path / 'j.log'}"
+    assert pin_storage("sub/k.log") == str(tmp_path / "sub" / "k.log")
+    for fixed in (f"sqlite:///{tmp_path / 'x.db'}", "postgresql://u:p@h/db", "sqlite://", None):
+        assert pin_storage(fixed) == fixed
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://u:pw@host:5432/db", "postgresql://u:***@host:5432/db"),
+    ("postgresql://:secret@host/db", "postgresql://:***@host/db"),        # no user name
+    ("mysql+pymysql://u:p@ss:w@host/db", "mysql+pymysql://u:***@host/db"),  # '@' in the password
+    ("postgresql://u@host/db", "postgresql://u@host/db"),
+    ("sqlite:////tmp/a@b.db", "sqlite:////tmp/a@b.db"),                    # '@' in a path
+])
+def test_redact_hides_every_password(url, shown):
+    from autol2o.tuning import redact
+
+    assert redact(url) == shown
+
+
 def test_missing_database_driver_is_one_clear_error_without_retries(monkeypatch):
     calls = []
 

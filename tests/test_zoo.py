@@ -200,6 +200,30 @@ def test_names_resolve_against_root_and_env(entry, monkeypatch):
         load_rule("nope")
 
 
+def test_a_broken_entry_is_listed_as_unusable_and_blocks_nothing(entry, monkeypatch):
+    """A save interrupted after the weights leaves a folder without a card: listed with its
+    error, skipped by name lookup of the others and by ``zoo list``'s table, never fatal."""
+    root = entry.parent
+    (root / "half").mkdir()
+    (root / "half" / WEIGHTS_FILE).write_bytes((entry / WEIGHTS_FILE).read_bytes())
+    entries = {e.name: e for e in list_entries(root)}
+    assert set(entries) == {"half", "rn"} and entries["rn"].error is None
+    assert "card.json" in entries["half"].error and entries["half"].card == {}
+    assert isinstance(load_rule("rn", root=root), RNNprop)
+    with pytest.raises(ZooError, match=r"no zoo entry 'nope'.*available.*half, rn"):
+        load_rule("nope", root=root)
+    monkeypatch.setenv("AUTOL2O_ZOO", str(root))
+    res = CliRunner().invoke(app, ["zoo", "list", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(res.output)}
+    assert rows["half"]["error"] and rows["rn"]["error"] is None
+    res = CliRunner().invoke(app, ["zoo", "list"], env={"COLUMNS": "200"})
+    assert res.exit_code == 0 and "unusable" in res.output
+    from autol2o.fit import FitConfig, check_zoo
+
+    check_zoo(FitConfig())  # a usable entry is left: fit can race
+
+
 def test_learned_optimizer_accepts_a_zoo_name(entry, monkeypatch):
     from autol2o import LearnedOptimizer
 

@@ -84,9 +84,9 @@ def main(argv: list[str] | None = None) -> None:
         if kind == "usage":  # click's own "Usage: ... Error: ..." naming the option
             exc.show()
             raise SystemExit(exc.exit_code) from None
-        if kind == "abort":
-            typer.echo("aborted", err=True)
-            raise SystemExit(1) from None
+        if kind == "abort":  # older typer lets click turn Ctrl-C into Abort: same as above
+            typer.echo("interrupted", err=True)
+            raise SystemExit(130) from None
         if debug:
             raise
         typer.echo(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",

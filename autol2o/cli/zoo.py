@@ -44,6 +44,7 @@ def summary(entry) -> dict[str, Any]:
         "n_meta_params": card.get("n_meta_params"),
         "size_bytes": weights.stat().st_size if weights.is_file() else None,
         "headline": (card.get("evaluation") or {}).get("headline"),
+        "error": entry.error,
     }
 
 
@@ -84,7 +85,7 @@ def list_cmd(root: RootOpt = None, as_json: JsonOpt = False) -> None:
                 if r["size_bytes"] is not None else "?")
         table.add_row(r["name"], str(r["rule"]), ", ".join(r["trained_on"]) or "?",
                       _fmt(r["horizon"]), _fmt(r["meta_iterations"]), size,
-                      r["headline"] or "not evaluated")
+                      f"unusable: {r['error']}" if r["error"] else r["headline"] or "not evaluated")
     _console().print(table)
 
 

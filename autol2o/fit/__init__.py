@@ -48,19 +48,22 @@ __all__ = ["DEFAULT_STEPS", "FitConfig", "FitData", "Problem", "Result", "UserMo
            "check_zoo", "fit_files", "load_data", "load_model_file", "optimize"]
 
 
-def pin_zoo(cfg: FitConfig) -> FitConfig:
-    """The config with the zoo as an absolute directory (whether from ``--zoo``, AUTOL2O_ZOO or
-    the default) and an ``--optimizer`` given as a path made absolute: a run saves its config,
-    and ``--resume`` from another working directory or shell must race the same entries."""
+def pin_paths(cfg: FitConfig) -> FitConfig:
+    """The config with every path in it absolute: the zoo (whether from ``--zoo``, AUTOL2O_ZOO
+    or the default), an ``--optimizer`` given as a path, and a file-based ``--storage``
+    (``sqlite:///rel.db``, ``journal:///rel.log``).  A run saves its config, and ``--resume``
+    from another working directory or shell must race the same entries and find its trials."""
     import dataclasses
 
+    from autol2o.tuning import pin_storage
     from autol2o.zoo import zoo_root
 
     root = zoo_root(cfg.zoo).resolve()
     opt = cfg.optimizer
     if opt and not (root / opt).is_dir() and Path(opt).is_dir():  # a path, not a name
         opt = str(Path(opt).resolve())
-    return dataclasses.replace(cfg, zoo=str(root), optimizer=opt)
+    return dataclasses.replace(cfg, zoo=str(root), optimizer=opt,
+                               storage=pin_storage(cfg.storage))
 
 
 def check_zoo(cfg: FitConfig) -> None:
@@ -225,7 +228,7 @@ def _run_in(problem: Problem, cfg: FitConfig, out, resume: bool, inputs: dict[st
         reporter.log(f"resuming {run_dir}")
         fr = FitRun(problem, cfg, run_dir, reporter=reporter, state=state)
     else:
-        cfg = pin_zoo(cfg)
+        cfg = pin_paths(cfg)
         if cfg.storage:  # a bad URL or unreachable database fails before the run directory exists
             from autol2o.tuning import make_storage
 

@@ -52,6 +52,7 @@ from autol2o.tuning import (
     make_storage,
     n_done,
     open_study,
+    pin_storage,
     redact,
     run_study,
     steps_to_match,
@@ -735,8 +736,14 @@ def _redact_opt(url: str | None) -> str | None:
 
 def restore_storage(saved: FitConfig, given: str | None, run_dir: Path) -> FitConfig:
     """The saved config of a run being resumed, with its storage URL's password (which was not
-    saved) taken from ``given``, the URL passed again with ``--storage``/``storage=``."""
+    saved) taken from ``given``, the URL passed again with ``--storage``/``storage=``.  Any other
+    storage is refused: the run's trials are in the saved one, and a new one would start the
+    tuning over, silently."""
     if saved.storage is None or ":***@" not in saved.storage:
+        where = saved.storage or "its own optuna.db"
+        if given is not None and pin_storage(given) != pin_storage(saved.storage):
+            raise UserError(f"{run_dir}: this run's trials are in {where}; --resume keeps that "
+                            f"storage (drop --storage {redact(given)})")
         return saved
     if given is None or redact(given) != saved.storage:
         raise UserError(f"{run_dir}: this run's Optuna storage {saved.storage} has a password, "

@@ -62,32 +62,14 @@ import io
 import json
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from autol2o.atomic import atomic_write_bytes, atomic_write_text
+
 SCHEMA_VERSION = 1
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    # a unique temporary name (parallel workers may share the run directory), created with
-    # mode 0666 so the umask applies as to any other file (mkstemp would force 0600)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def save_weights(model: nn.Module, path: Path) -> None:

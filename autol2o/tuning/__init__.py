@@ -51,8 +51,46 @@ def suggest(trial: optuna.Trial, kind: str) -> dict[str, Any]:
 
 
 def redact(url: str) -> str:
-    """``url`` with the password of a database URL replaced by ``***`` (for logs and files)."""
-    return re.sub(r"(://[^:/@]+:)[^@]+@", r"\1***@", url)
+    """``url`` (or a text quoting URLs) with database passwords replaced by ``***``.
+
+    The user info ends at the *last* ``@`` of the authority, so a password containing ``@`` is
+    hidden whole; an empty user name (``postgresql://:secret@host/db``) is handled too."""
+    def hide(m: re.Match) -> str:
+        if "@" not in m.group(2):
+            return m.group(0)
+        userinfo, host = m.group(2).rsplit("@", 1)
+        if ":" not in userinfo:
+            return m.group(0)
+        return f"{m.group(1)}{userinfo.split(':', 1)[0]}:***@{host}"
+
+    # every URL in the text (error messages quote them too); its authority ends at / ? # or space
+    return re.sub(r"([A-Za-z][A-Za-z0-9+.-]*://)([^/?#\s]*)", hide, url)
+
+
+def _file_path(url: str) -> tuple[str, str] | None:
+    """``(prefix, path)`` of a file-based storage URL, else None: ``sqlite:///rel.db`` and
+    ``journal:///rel.log`` are relative (like SQLAlchemy's sqlite URLs), four slashes absolute;
+    ``journal:rel.log`` and a bare ``rel.log`` / ``rel.journal`` are relative too."""
+    m = re.match(r"^(sqlite(?:\+\w+)?:///)(.+)$", url)
+    if m:
+        return m.group(1), m.group(2)
+    if url.startswith("journal:"):
+        rest = url.removeprefix("journal:")
+        rest = rest[3:] if rest.startswith("///") else rest.removeprefix("//")
+        return "journal:///", rest
+    if url.endswith((".log", ".journal")) and "://" not in url:
+        return "", url
+    return None
+
+
+def pin_storage(url: str | None) -> str | None:
+    """``url`` with a relative file path made absolute (from the current directory), so that a
+    run resumed from elsewhere opens the same file; other URLs unchanged."""
+    fp = None if url is None else _file_path(url)
+    if fp is None or fp[1] == ":memory:":
+        return url
+    prefix, path = fp
+    return prefix + str(Path(path).resolve()) if prefix else str(Path(path).resolve())
 
 
 def make_storage(url: str, *, attempts: int = 6) -> optuna.storages.BaseStorage:
@@ -60,13 +98,14 @@ def make_storage(url: str, *, attempts: int = 6) -> optuna.storages.BaseStorage:
 
     ``sqlite:///path.db``, ``postgresql://...``, ``mysql://...`` go to Optuna's RDB storage;
     ``journal:///path/file.log`` or a path ending in ``.log``/``.journal`` is a journal file
-    (safe for several processes on one machine or on NFS).  Several processes may open a fresh
-    RDB storage at the same moment; whoever loses the race to create its tables retries.
+    (safe for several processes on one machine or on NFS).  As in SQLite URLs, three slashes
+    start a relative path and four an absolute one (``journal:////abs/file.log``).  Several
+    processes may open a fresh RDB storage at the same moment; whoever loses the race to create
+    its tables retries.
     """
-    if url.startswith("journal:"):
-        path = url.removeprefix("journal:").removeprefix("//")
-    elif url.endswith((".log", ".journal")) and "://" not in url:
-        path = url
+    fp = _file_path(url)
+    if fp is not None and not url.startswith("sqlite"):
+        path = fp[1]
     else:
         shown = redact(url)
         if "://" not in url:

@@ -31,6 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from autol2o.atomic import atomic_write_bytes
 from autol2o.errors import UserError
 from autol2o.optimizers.base import RULES, LearnedRule, build_rule
 
@@ -73,6 +74,7 @@ class ZooEntry:
     name: str          # the directory name (what lookup by name uses)
     path: Path
     card: dict[str, Any]
+    error: str | None = None   # why the card cannot be read (then ``card`` is empty)
 
     @property
     def weights_path(self) -> Path:
@@ -159,8 +161,9 @@ def read_card(entry_dir: Path) -> dict[str, Any]:
 def list_entries(root: Path | str | None = None) -> list[ZooEntry]:
     """All entries under the zoo root, sorted by name (cards parsed, weights not verified).
 
-    A directory whose card cannot be read is reported as an error rather than skipped, so a
-    broken entry is never silently invisible.
+    A directory whose card cannot be read (e.g. a save interrupted after the weights) is listed
+    with its ``error`` and an empty card: never silently invisible, and never in the way of the
+    other entries (``zoo list`` marks it unusable; the race and ``fit`` skip it).
     """
     base = zoo_root(root)
     if not base.is_dir():
@@ -170,7 +173,10 @@ def list_entries(root: Path | str | None = None) -> list[ZooEntry]:
         if not (d / CARD_FILE).exists() and not (d / WEIGHTS_FILE).exists():
             continue  # not a zoo entry (e.g. __pycache__ or a scratch folder)
         # the directory name, not the card's "name": it is what --optimizer/`zoo show` look up
-        out.append(ZooEntry(name=d.name, path=d, card=read_card(d)))
+        try:
+            out.append(ZooEntry(name=d.name, path=d, card=read_card(d)))
+        except ZooError as exc:
+            out.append(ZooEntry(name=d.name, path=d, card={}, error=str(exc)))
     return out
 
 
@@ -261,8 +267,8 @@ def save_entry(rule: LearnedRule, out_dir: Path | str, card: dict[str, Any], *,
     full = {**card, **auto}
     ordered = {k: full[k] for k in CARD_FIELDS if k in full}
     ordered.update({k: v for k, v in full.items() if k not in ordered})
-    _atomic_write(out / WEIGHTS_FILE, data)
-    _atomic_write(out / CARD_FILE, (json.dumps(ordered, indent=2) + "\n").encode())
+    atomic_write_bytes(out / WEIGHTS_FILE, data)
+    atomic_write_bytes(out / CARD_FILE, (json.dumps(ordered, indent=2) + "\n").encode())
     return out
 
 
@@ -280,7 +286,7 @@ def update_card(name_or_path: str | Path, updates: dict[str, Any],
     if bad:
         raise ZooError(f"{entry / CARD_FILE}: fields {sorted(bad)} are set by save_entry only")
     card.update(updates)
-    _atomic_write(entry / CARD_FILE, (json.dumps(card, indent=2) + "\n").encode())
+    atomic_write_bytes(entry / CARD_FILE, (json.dumps(card, indent=2) + "\n").encode())
     return card
 
 
@@ -291,12 +297,6 @@ def hardware_summary() -> str:
     if torch.cuda.is_available():
         s += f", {torch.cuda.get_device_name(0)}"
     return s
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _one_line(exc: BaseException) -> str:
