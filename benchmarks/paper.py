@@ -5,7 +5,8 @@ the same initial parameters and the same minibatches; the reported loss is the m
 minibatches of the loss at the final parameters, averaged over ``--runs`` runs (mean and std).
 
 Contenders: the zoo's learned optimizers (``rnnprop-mnist``, ``rnnprop-mix``, ``dm-mnist``; or
-the entries given with ``--learned NAME_OR_DIR ...``) with no tuning at all, and Adam, RMSProp, SGD and NAG (momentum 0.9), each tuned over the paper's
+the entries given with ``--learned NAME_OR_DIR ...``) with no tuning at all, and Adam, RMSProp,
+SGD and NAG (momentum 0.9), each tuned over the paper's
 learning-rate grid 2^-12, 2^-11.5, ..., 2^0 (powers of sqrt 2).  Tuning uses *other* seeds than
 the final evaluation (a coarse pass over powers of 2, then the sqrt(2) neighbours of the best),
 so the baselines' numbers are not inflated by picking the luckiest runs.
