@@ -110,13 +110,11 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
            "meta-loss", "ema")}
     # what is not given defaults as in ``autol2o zoo train`` (the rule's paper recipe: tricks on
     # for RNNprop, the mean meta-loss for DM), so that a torchrun job trains what zoo train would
-    recipe = paper_recipe(args.rule)
     given = {k: v for k, v in kw.items() if v is not None}
+    if args.convex is not None:
+        given["convex_combination"] = args.convex
     # checked before joining the process group, so that a bad option fails every rank alike
-    config = TrainConfig(**{**LAUNCH_DEFAULTS, "meta_loss": recipe["meta_loss"],
-                            "random_scaling": recipe["random_scaling"], **given},
-                         convex_combination=(recipe["convex_combination"] if args.convex is None
-                                             else args.convex),
+    config = TrainConfig(**{**LAUNCH_DEFAULTS, **paper_recipe(args.rule), **given},
                          log_loss=args.log_loss)
     options = rule_options(args.rule, args.magnitude)
     rank, world, device = init_distributed(resolve_device(args.device))
