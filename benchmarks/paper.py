@@ -68,8 +68,11 @@ def experiments(quick: bool) -> list[Experiment]:
                    [(f"mnist-nn-{a}", 100) for a in ("relu", "elu", "tanh")]),
         Experiment("depths", "Deeper MLPs (layers of 20, sigmoid), 100 steps",
                    [(f"mnist-nn-l{d}-sigmoid", 100) for d in depths]),
-        Experiment("cnn", "The paper's MNIST CNNs, 100 steps",
-                   [("mnist-cnn1", 100)] if quick else [("mnist-cnn1", 100), ("mnist-cnn2", 100)]),
+        # -std01: the authors' N(0, 0.1^2) init of every weight and bias; plain: He init
+        Experiment("cnn", "The paper's MNIST CNNs, 100 steps (plain: He init; -std01: the "
+                   "authors' N(0, 0.1^2) init)",
+                   [("mnist-cnn1", 100)] if quick
+                   else [(f"mnist-{a}{i}", 100) for i in ("", "-std01") for a in ("cnn1", "cnn2")]),
         Experiment("sinlstm", "sin-LSTM regression, 100 steps",
                    [("sin-lstm", 100)] if quick
                    else [("sin-lstm", 100), ("sin-lstm-x2", 100), ("sin-lstm-no001", 100)]),

@@ -112,6 +112,22 @@ def test_cnn_matches_a_reference_torch_module():
     assert torch.allclose(task.loss(theta, (x, y))[b], expected, rtol=1e-5)
 
 
+def test_cnn_presets_he_init_and_the_authors_normal_init():
+    he, authors = build_task("digits-cnn1"), build_task("digits-cnn1-std01")
+    assert he.spec["init_std"] is None and authors.spec["init_std"] == 0.1
+    assert build_task(authors.spec).spec == authors.spec
+    gens = generators([3])
+    p_he = unflatten(he.init_params(gens), he.layout)
+    p_au = unflatten(authors.init_params(generators([3])), authors.layout)
+    # He: zero biases, weights with variance 2 / fan_in (fc0: 16 x 4 x 4 = 256 inputs);
+    # authors: every entry N(0, 0.1^2)
+    assert torch.count_nonzero(p_he["conv0.b"]) == 0
+    assert abs(p_he["fc0.w"].std().item() - math.sqrt(2 / 256)) < 0.1 * math.sqrt(2 / 256)
+    everything = torch.cat([v.flatten() for v in p_au.values()])
+    assert abs(everything.std().item() - 0.1) < 0.005
+    assert torch.count_nonzero(p_au["conv0.b"]) == 16
+
+
 def test_module_task_vmap_matches_plain_model():
     torch.manual_seed(0)
     x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
