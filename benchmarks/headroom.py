@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from autol2o.meta import build_task, evaluate
-from autol2o.meta.evaluate import OptimizerFactory, baseline, sqrt2_grid
+from autol2o.meta.evaluate import OptimizerFactory, baseline, sqrt2_grid, tune_lr
 from autol2o.zoo import list_entries, load_rule
 
 RESULTS = Path(__file__).parent / "results" / "headroom.md"
@@ -78,17 +78,12 @@ def families(steps: int) -> dict[str, tuple[list[float], Callable[[float], Optim
     }
 
 
-def _score(res) -> float:
-    return res.final_loss if res.diverged == 0 else math.inf
-
-
 def task_table(name: str, data_dir: Path | None, steps: int, runs: int, tune_runs: int) -> list[str]:
     task = build_task(name, data_dir)
     rows, adam_loss = [], None
     for family, (grid, make) in families(steps).items():
         t0 = time.perf_counter()
-        tuning = {lr: _score(evaluate(make(lr), task, steps, tune_runs, seed=1)) for lr in grid}
-        lr = min(tuning, key=tuning.get)
+        lr, _ = tune_lr(make, task, steps, grid, tune_runs, seed=1)
         res = evaluate(make(lr), task, steps, runs, seed=0)
         adam_loss = adam_loss or res.final_loss  # "Adam" comes first
         edge = " (grid edge)" if lr in (grid[0], grid[-1]) else ""

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from autol2o.meta import TrainConfig, build_task, evaluate, meta_train
-from autol2o.meta.evaluate import baseline, sqrt2_grid
+from autol2o.meta.evaluate import baseline, sqrt2_grid, tune_lr
 from autol2o.optimizers import RNNprop
 
 RESULTS = Path(__file__).parent / "results" / "meta_digits.md"
@@ -44,13 +44,9 @@ SETUPS: dict[str, tuple[dict, dict]] = {
 
 
 def tuned(task, runs: int, name: str, grid: list[float], **kw) -> tuple[float, object]:
-    """(log2 of the best learning rate, its result) over ``grid``."""
-    best = None
-    for lr in grid:
-        res = evaluate(baseline(name, lr, **kw), task, 100, runs, seed=0)
-        if best is None or res.final_loss < best[1].final_loss:
-            best = (math.log2(lr), res)
-    return best
+    """(log2 of the best learning rate, its result) over ``grid``, tuned on the evaluation seeds."""
+    lr, results = tune_lr(lambda lr: baseline(name, lr, **kw), task, 100, grid, runs, seed=0)
+    return math.log2(lr), results[lr]
 
 
 def _list(text: str, cast):

@@ -12,6 +12,7 @@ from torch import nn
 from autol2o.errors import UserError
 from autol2o.meta import (
     CNNTask,
+    EvalResult,
     ModuleTask,
     Objective,
     TrainConfig,
@@ -21,6 +22,8 @@ from autol2o.meta import (
     evaluate,
     read_idx,
     sqrt2_grid,
+    tune_lr,
+    tuning_score,
 )
 from autol2o.meta.data import load_mnist
 from autol2o.meta.tasks import generators, unflatten
@@ -246,6 +249,22 @@ def test_sqrt2_grid_is_the_papers_learning_rate_grid():
     assert all(b / a == pytest.approx(2 ** 0.5) for a, b in zip(grid, grid[1:]))
     assert sqrt2_grid(-9, -5) == [2.0 ** -9, 2.0 ** -8.5, 2.0 ** -8, 2.0 ** -7.5, 2.0 ** -7,
                                   2.0 ** -6.5, 2.0 ** -6, 2.0 ** -5.5, 2.0 ** -5]
+
+
+def test_tune_lr_picks_the_best_rate_on_tuning_seeds_and_disqualifies_divergence():
+    task = build_task("quadratic")
+    grid = [2.0 ** -8, 2.0 ** -5.5, 2.0 ** -3, 2.0 ** 0]
+    best, results = tune_lr(lambda lr: baseline("sgd", lr), task, 30, grid, 4)
+    assert list(results) == grid and best == 2.0 ** -5.5
+    assert all(results[lr].diverged for lr in grid[2:])       # too large: blows up
+    again = evaluate(baseline("sgd", best), task, 30, 4, seed=1)   # tuned on seed 1, not 0
+    assert torch.equal(again.final_losses, results[best].final_losses)
+    # a rate with one diverged run loses even if its surviving runs look better
+    lucky = EvalResult(torch.tensor([0.1, math.inf]), torch.zeros(1, 2), 1, 0.0)
+    assert lucky.final_loss == pytest.approx(0.1) and tuning_score(lucky) == math.inf
+    # equal scores: the smaller rate wins (the same optimizer whatever lr says)
+    tie, _ = tune_lr(lambda lr: baseline("sgd", 2.0 ** -6), task, 5, [0.5, 0.25, 0.125], 2)
+    assert tie == 0.125
 
 
 def test_synthetic_test_split_is_held_out_data_of_the_same_problem():

@@ -2,7 +2,7 @@
 
 from .cli_support import train_to_zoo
 from .data import load_dataset, load_digits, load_mnist, read_idx
-from .evaluate import EvalResult, baseline, evaluate, run_seeds, sqrt2_grid
+from .evaluate import EvalResult, baseline, evaluate, run_seeds, sqrt2_grid, tune_lr, tuning_score
 from .tasks import (
                     CNNTask,
                     MLPTask,
@@ -21,4 +21,5 @@ __all__ = [
     "QuadraticTask", "SinLSTMTask", "Task", "TrainConfig", "baseline", "build_task",
     "convex_term", "evaluate", "load_dataset", "load_digits", "load_mnist", "meta_train",
     "paper_recipe", "preset_spec", "read_idx", "run_seeds", "sqrt2_grid", "train_to_zoo",
+    "tune_lr", "tuning_score",
 ]
