@@ -91,6 +91,29 @@ def test_parallel_trials_n_jobs(tmp_path):
         assert t["n_complete"] + t["n_pruned"] == 4
 
 
+def test_parallel_trials_share_one_starting_model_drawn_before_the_threads(tmp_path,
+                                                                        monkeypatch):
+    """With --n-jobs > 1 the trials' starting weights are drawn once, in the main thread: two
+    threads seeding and drawing from torch's global generator at once could mix the weights."""
+    import threading
+
+    from autol2o.fit.problem import UserModel
+
+    builds, real_build = [], UserModel.build
+
+    def spy(self, seed):
+        builds.append((seed, threading.current_thread() is threading.main_thread()))
+        return real_build(self, seed)
+
+    monkeypatch.setattr(UserModel, "build", spy)
+    x, y = blobs(80)
+    xy = (torch.tensor(x, dtype=torch.float32), torch.tensor(y))
+    # seed 7: no phase before tuning (the race is skipped) has drawn this seed's weights yet
+    autol2o.optimize(nn.Linear(6, 3), xy, steps=10, trials=4, seeds=1, n_jobs=2, seed=7,
+                     out=tmp_path / "r", optimizer="dm-rand", progress=False)
+    assert builds.count((7, True)) == 1 and all(main for _, main in builds)
+
+
 def test_storage_password_never_reaches_run_files(tmp_path, monkeypatch):
     """A database URL's password is redacted in report.json, report.md and state.json; resuming
     such a run needs the URL again (and only the same URL is accepted)."""

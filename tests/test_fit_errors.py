@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import typer
 from test_fit_support import (  # noqa: F401  (zoo is a fixture)
     FAST,
     blobs,
@@ -314,3 +315,33 @@ def test_click_exceptions_of_the_installed_click_are_recognised():
     assert _click_kind(exc.UsageError("bad")) == "usage"
     assert _click_kind(mod.ClickException("bad")) == "usage"
     assert _click_kind(ValueError("bad")) is None
+
+
+def test_ctrl_c_under_any_typer_or_click_exits_130_interrupted(monkeypatch, capsys):
+    """Ctrl-C reaches ``main`` as a KeyboardInterrupt, as Exit(130) returned by typer, or (older
+    typer, or the real click) as an Abort: every one must print "interrupted" and exit 130."""
+    import importlib
+    import importlib.util
+
+    import autol2o.cli as cli
+
+    aborts = [typer.Abort]
+    for name in ("click", "typer._click"):
+        if importlib.util.find_spec(name):
+            mod = importlib.import_module(name)
+            aborts += [a for m in (mod, getattr(mod, "exceptions", None))
+                       if isinstance(a := getattr(m, "Abort", None), type)]
+
+    def raising(exc_type):
+        def fake_app(args=None, standalone_mode=True):
+            raise exc_type()
+        return fake_app
+
+    for fake in [raising(KeyboardInterrupt), lambda args=None, standalone_mode=True: 130,
+                 *(raising(a) for a in aborts)]:
+        monkeypatch.setattr(cli, "app", fake)
+        with pytest.raises(SystemExit) as info:
+            cli.main(["zoo", "list"])
+        assert info.value.code == 130
+        assert capsys.readouterr().err.strip() == "interrupted"
+    assert len(aborts) >= 2   # typer's own and at least the click it wraps

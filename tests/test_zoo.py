@@ -461,3 +461,30 @@ def test_cli_train_init_continues_from_an_entry(entry, tmp_path):
     res = runner.invoke(app, [*base, "--rule", "rnnprop", "--out", str(tmp_path / "y")])
     assert res.exit_code != 0 and str(entry / WEIGHTS_FILE) in str(res.exception)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_atomic_write_syncs_before_rename_and_a_failed_write_keeps_the_old_file(tmp_path,
+                                                                              monkeypatch):
+    import os
+
+    from autol2o import atomic
+
+    target = tmp_path / "card.json"
+    target.write_text("old")
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd)))
+    monkeypatch.setattr(atomic.os, "replace",
+                        lambda a, b: (events.append("replace"), real_replace(a, b)))
+    atomic.atomic_write_text(target, "new")
+    assert target.read_text() == "new" and events == ["fsync", "replace"]
+    assert [p.name for p in tmp_path.iterdir()] == ["card.json"]    # no temporary left behind
+
+    def full_disk(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        atomic.atomic_write_text(target, "newer")
+    assert target.read_text() == "new"                              # the old file is whole
+    assert [p.name for p in tmp_path.iterdir()] == ["card.json"]
