@@ -20,7 +20,7 @@ EXPECTED = {"rnnprop-mnist": RNNprop, "dm-mnist": DMOptimizer, "rnnprop-mix": RN
             "rnnprop-long": RNNprop}
 
 
-def test_shipped_entries_load_and_verify():
+def test_shipped_entries_load_and_verify(tmp_path):
     root = shipped_root()
     assert root.resolve() == (REPO / "pretrained").resolve() or root.parent.name == "autol2o"
     entries = {e.name: e for e in list_entries(root)}
@@ -39,6 +39,11 @@ def test_shipped_entries_load_and_verify():
         with torch.no_grad():
             upd, _ = rule(g, rule.init_state(100))
         assert torch.isfinite(upd).all() and upd.abs().max() <= rule.out_scale + 1e-6
+        # written the way save_entry writes (key-sorted header): the same meta-weights saved
+        # again, as by a rerun of the card's command, give the same bytes and the card's sha256
+        data = (entry.path / "weights.safetensors").read_bytes()
+        again = save_entry(rule, tmp_path / name, {"name": name}) / "weights.safetensors"
+        assert again.read_bytes() == data, f"{name}: not the bytes save_entry writes"
 
 
 def test_long_entry_trained_to_1000_steps():
