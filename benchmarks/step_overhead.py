@@ -82,12 +82,7 @@ def bench(size: int, device: torch.device, chunk: int) -> dict[str, dict[str, fl
         opt = make(params)
         if isinstance(opt, LearnedOptimizer):
             opt.rule.chunk_size = chunk
-            for net in opt._nets.values():
-                net.chunk_size = chunk
         opt.step()  # materialise state
-        if isinstance(opt, LearnedOptimizer):
-            for net in opt._nets.values():
-                net.chunk_size = chunk
         sec = timeit(opt.step, device)
         out[name] = {"ms": sec * 1e3, "bytes_per_param": state_bytes(opt) / size}
     return out

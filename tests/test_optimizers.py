@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import io
 import math
+import pickle
 from functools import partial
 
 import pytest
@@ -526,3 +528,91 @@ def test_meta_weights_are_copied_and_frozen():
         rule.output.bias.fill_(5.0)
     assert opt.rule.output.bias.item() == 0.0
     assert not any(p.requires_grad for p in opt.rule.parameters())
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda obj: pickle.loads(pickle.dumps(obj))],
+                         ids=["deepcopy", "pickle"])
+def test_optimizer_copies_continue_like_the_original(clone):
+    """torch.optim pickles only defaults, state and param_groups; the rule must travel too, and
+    the copy (model and optimizer together, as one object graph) then trains exactly alike."""
+    rule = _rules()[0]
+    model = _mlp()
+    opt = LearnedOptimizer(model.parameters(), rule)
+    _run(model, opt, 3)
+    model2, opt2 = clone((model, opt))
+    assert opt2.param_groups[0]["params"][0] is next(model2.parameters())
+    _run(model, opt, 3)
+    _run(model2, opt2, 3)
+    for p1, p2 in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p1, p2)
+    assert torch.equal(opt2.state[next(model2.parameters())]["h"], opt.state[next(model.parameters())]["h"])
+
+
+def test_load_state_dict_with_other_groups_names_the_groups():
+    """Same parameter count, other group structure: the error is torch.optim's about the groups,
+    not a misleading shape mismatch from pairing parameters across groups."""
+    rule = _rules()[0]
+    a, b = torch.ones(4, requires_grad=True), torch.ones(6, requires_grad=True)
+    opt = LearnedOptimizer([{"params": [a]}, {"params": [b]}], rule)
+    a.grad, b.grad = torch.ones_like(a), torch.ones_like(b)
+    opt.step()
+    other = LearnedOptimizer([torch.ones(6, requires_grad=True), torch.ones(4, requires_grad=True)],
+                             rule)
+    with pytest.raises(ValueError, match="number of parameter groups"):
+        other.load_state_dict(opt.state_dict())
+
+
+@pytest.mark.parametrize("config", [
+    {"rule": "rnnprop", "preproc": -1}, {"rule": "rnnprop", "eps": float("nan")},
+    {"rule": "rnnprop", "out_scale": float("nan")}, {"rule": "dm", "p": float("nan")},
+    {"rule": "dm", "out_scale": -0.1}, {"rule": "rnnprop", "hidden": 0},
+])
+def test_bad_rule_configs_raise_value_error(config):
+    """The zoo turns ValueError/TypeError from a card's rule_config into one ZooError line; a
+    RuntimeError (nn.Linear with a negative size) or a NaN accepted silently would escape that."""
+    with pytest.raises(ValueError, match="must be positive"):
+        build_rule(config)
+
+
+def test_non_contiguous_and_channels_last_params_step_like_contiguous_ones():
+    """State is kept in the parameter's logical (row-major) order whatever its strides."""
+    rule = _rules()[0]
+    torch.manual_seed(0)
+    odd = [torch.randn(3, 4).t().detach().requires_grad_(),  # transposed strides
+           torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()]
+    plain = [p.detach().contiguous().requires_grad_() for p in odd]
+    assert not any(p.is_contiguous() for p in odd)
+    opts = [LearnedOptimizer(odd, rule), LearnedOptimizer(plain, rule)]
+    weights = [torch.arange(float(p.numel())).view(p.shape) for p in plain]
+    for _ in range(3):
+        for params, opt in zip((odd, plain), opts):
+            opt.zero_grad()
+            sum(((w * p - 1) ** 2).sum() for w, p in zip(weights, params)).backward()
+            opt.step()
+    for p, q in zip(odd, plain):
+        assert torch.equal(p, q) and not p.is_contiguous()
+
+
+
+def test_changing_opt_rule_after_steps_takes_effect():
+    """The per-device copy made at the first step follows ``opt.rule``: weights loaded into it, a
+    replaced rule, or another ``chunk_size`` are used from the next step on."""
+    torch.manual_seed(0)
+    old = RNNprop()
+    torch.manual_seed(1)
+    new = RNNprop()
+    model = _mlp()
+    opt = LearnedOptimizer(model.parameters(), old)
+    _run(model, opt, 2)
+    stale, stale_opt = copy.deepcopy((model, opt))       # goes on with the old weights
+    twin, twin_opt = copy.deepcopy((model, opt))
+    opt.rule.load_state_dict(new.state_dict())           # in place
+    twin_opt.rule = copy.deepcopy(new).requires_grad_(False)   # replaced
+    for m, o in ((model, opt), (stale, stale_opt), (twin, twin_opt)):
+        _run(m, o, 2)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    assert not all(torch.equal(p, r) for p, r in zip(model.parameters(), stale.parameters()))
+    opt.rule.chunk_size = 7
+    _run(model, opt, 1)
+    assert [net.chunk_size for _, net in opt._nets.values()] == [7]

@@ -66,7 +66,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
         self.rule = copy.deepcopy(rule).requires_grad_(False).eval()
-        self._nets: dict[tuple[torch.device, torch.dtype], LearnedRule] = {}
+        self._nets: dict[tuple[torch.device, torch.dtype], tuple[tuple, LearnedRule]] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """As ``torch.optim``; non-floating-point parameters are refused (``ValueError``)."""
@@ -78,12 +78,31 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch.optim pickles (and deep-copies) only defaults, state and param_groups; the rule is
+        # part of this optimizer.  The per-device copies in ``_nets`` are a cache, rebuilt lazily.
+        return {**super().__getstate__(), "rule": self.rule}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._nets = {}
+
     # -- helpers -----------------------------------------------------------------------------
+    def _rule_version(self) -> tuple:
+        """Changes whenever ``self.rule`` is replaced, its weights are written (``_version``
+        counts in-place writes, ``load_state_dict`` included) or its ``chunk_size`` is set."""
+        return (id(self.rule), self.rule.chunk_size,
+                tuple(t._version for t in self.rule.state_dict().values()))
+
     def _net(self, device: torch.device, dtype: torch.dtype) -> LearnedRule:
-        key = (device, dtype)
-        if key not in self._nets:
-            self._nets[key] = copy.deepcopy(self.rule).to(device=device, dtype=dtype)
-        return self._nets[key]
+        """``self.rule`` on ``device`` in ``dtype``: a cached copy, re-made when the rule changed
+        (so ``opt.rule.load_state_dict(...)`` or ``opt.rule.chunk_size = n`` take effect)."""
+        key, version = (device, dtype), self._rule_version()
+        cached = self._nets.get(key)
+        if cached is None or cached[0] != version:
+            self._nets[key] = cached = (version, copy.deepcopy(self.rule).to(device=device,
+                                                                              dtype=dtype))
+        return cached[1]
 
     def _update(self, items: list[_Item], sdtype: torch.dtype) -> None:
         """One network call for ``items`` (parameter, group), then the parameter updates.
@@ -155,7 +174,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         saved = state_dict["state"]
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
-        if len(ids) == len(params):  # else torch.optim raises its own ValueError
+        sizes = [len(g["params"]) for g in state_dict["param_groups"]]
+        # groups that do not match: torch.optim raises its own ValueError, naming the real problem
+        if sizes == [len(g["params"]) for g in self.param_groups]:
             for n, (i, p) in enumerate(zip(ids, params)):
                 if i in saved:
                     self._check_state(n, p, saved[i])

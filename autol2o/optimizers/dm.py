@@ -40,8 +40,8 @@ class DMOptimizer(LearnedRule):
 
     def __init__(self, hidden: int = 20, layers: int = 2, p: float = 10.0, out_scale: float = 0.1):
         super().__init__()
-        if p <= 0 or out_scale <= 0:
-            raise ValueError("p and out_scale must be positive")
+        if not (p > 0 and out_scale > 0):  # written so that NaN is refused too
+            raise ValueError(f"p and out_scale must be positive, got {p}, {out_scale}")
         self.hidden, self.layers, self.p, self.out_scale = hidden, layers, p, out_scale
         self.lstm = CoordinateLSTM(2, hidden, layers)
         self.output = nn.Linear(hidden, 1)

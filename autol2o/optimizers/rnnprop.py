@@ -70,8 +70,10 @@ class RNNprop(LearnedRule):
         super().__init__()
         if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"beta1 and beta2 must lie in [0, 1), got {beta1}, {beta2}")
-        if eps <= 0 or out_scale <= 0:
-            raise ValueError("eps and out_scale must be positive")
+        if not (eps > 0 and out_scale > 0):  # written so that NaN is refused too
+            raise ValueError(f"eps and out_scale must be positive, got {eps}, {out_scale}")
+        if preproc < 1:  # checked here: nn.Linear would raise a RuntimeError the zoo does not expect
+            raise ValueError(f"preproc must be positive, got {preproc}")
         self.hidden, self.layers, self.preproc = hidden, layers, preproc
         self.beta1, self.beta2, self.eps, self.out_scale = beta1, beta2, eps, out_scale
         self.magnitude = bool(magnitude)
