@@ -364,8 +364,8 @@ class FitRun:
         ph["fine_tune"] = {
             "name": ft_name, "path": str(path), "iterations": cfg.fine_tune,
             # meta-training unrolls + its validation runs + the two probe runs
-            "optimizee_steps": cfg.fine_tune * tc.unroll * tc.batch
-            + n_val * tc.val_runs * tc.horizon + 2 * probe,
+            "optimizee_steps": _meta_steps(res.history, tc.horizon, tc.unroll) * tc.batch
+            + n_val * tc.val_runs * tc.horizon + r_old.steps_run + r_new.steps_run,
             "diverged_runs": res.diverged, "best_val": res.best_val,
             "best_iteration": res.best_iteration,
             "probe_val_loss_before": _num(r_old.final_val_loss),
@@ -624,8 +624,14 @@ class FitRun:
             out["best_adam_trial_val_loss"] = adam["best_value"]
             out["learned_steps_to_match_best_adam"] = None if s is None else \
                 race_steps + ft_steps + s
+        missing = [sp.name for sp in self.finals_specs if sp.name not in self.finals]
+        if missing:  # interrupted in the finals: a winner among the contenders that ran misleads
+            out["summary"] = ("no verdict: the finals were interrupted before "
+                              f"{', '.join(missing)} finished")
+            return out
         if not ranked:
-            out["summary"] = "every contender diverged"
+            if board:  # (no board: no finals were run, e.g. interrupted while tuning)
+                out["summary"] = "every contender diverged"
             return out
         w = ranked[0]
         out["winner"] = w["name"]
@@ -648,11 +654,17 @@ class FitRun:
                 spent = compute[kind]["search_steps"]
                 parts.append(f"{kind} needed {s} tuning steps to match it" if s is not None else
                              f"{kind} never matched it in {spent} tuning steps")
-            how = "race and fine-tuning" if ph.get("fine_tune", {}).get("optimizee_steps") else "race"
+            how = " and ".join(what for what, ran in (
+                ("race", not ph.get("race", {}).get("skipped")), ("fine-tuning", ft_steps))
+                if ran) or "race skipped"
             text += (f". The learned optimizer {learned['name']} used "
                      f"{compute['learned']['search_steps']} search steps ({how}) and no "
                      "hyperparameter tuning; "
                      + "; ".join(parts))
+        elif learned is not None and learned["val_loss_mean"] is None:
+            # unranked: say so, or the verdict reads as if there had been no learned contender
+            text += (f". The learned optimizer {learned['name']} diverged "
+                     f"({learned['diverged']} of {learned['n_seeds']} seeds)")
         out["summary"] = text + "."
         return out
 
@@ -708,6 +720,21 @@ def _entry_path(name: str, root: str | None) -> Path:
     from autol2o.zoo import resolve
 
     return resolve(name, root)
+
+
+def _meta_steps(history: list[dict[str, Any]], horizon: int, unroll: int) -> int:
+    """Optimizee steps per instance that meta-training took: iteration i advances the current
+    run by ``min(unroll, horizon - t)`` steps (the last unroll of a run is shorter when
+    ``horizon`` is not a multiple of ``unroll``); a run ends at ``horizon`` or when it diverged
+    (``diverged``, cumulative in the history, went up), and the next one starts at t = 0."""
+    total, t, diverged = 0, 0, 0
+    for h in history:
+        s = min(unroll, horizon - t)
+        total, t = total + s, t + s
+        if t >= horizon or h["diverged"] > diverged:
+            t = 0
+        diverged = h["diverged"]
+    return total
 
 
 def _num(v: float | None) -> float | None:

@@ -35,14 +35,17 @@ so an interrupted run never leaves a half-written file.
                        val_acc, steps_run, diverged, wall_time}]}]  (mean null if a seed
                        diverged; std null then and with one seed)
     leaderboard      [{rank, name, kind, params, val_loss_mean, val_loss_std, val_acc_mean,
-                       val_acc_std, n_seeds, diverged}]  (best first; *_std null with one seed)
-    verdict          {winner, runner_up, gap, noise (the gap a two-sided Welch t-test at 5%
-                      needs: t_crit(df) x standard error), p_value, significant (p < 0.05;
-                      null with one seed), summary (one sentence),
+                       val_acc_std, n_seeds, diverged}]  (best first; *_std null with one seed;
+                       a contender with a diverged seed has null mean and ranks last)
+    verdict          {winner (null unless every contender's finals finished and one of
+                      them did not diverge), runner_up, gap, noise (the gap a two-sided
+                      Welch t-test at 5% needs: t_crit(df) x standard error), p_value,
+                      significant (p < 0.05; null with one seed), summary (one sentence),
                       compute {learned|adam|sgd: {search_steps, search_wall_time, [search_trials],
                                final_runs, final_steps, final_wall_time}}  (a key only for
                                contenders that ran),
-                      learned_target_val_loss, baseline_steps_to_match_learned {adam|sgd: int|null},
+                      learned_target_val_loss, baseline_steps_to_match_learned {adam|sgd: int|null}
+                      ({} when the learned optimizer diverged),
                       [best_adam_trial_val_loss, learned_steps_to_match_best_adam: only with a
                       learned contender and an Adam study], learned_search_steps}
     timings          seconds per phase (race, fine_tune, tune_adam, tune_sgd, finals)
