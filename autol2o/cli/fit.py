@@ -115,7 +115,8 @@ def print_leaderboard(report: dict) -> None:
                          for k, v in r["params"].items()) or "learned: no hyperparameters"
         loss = "diverged" if r["val_loss_mean"] is None else \
             _pm(r["val_loss_mean"], r["val_loss_std"])
-        acc = "-" if r["val_acc_mean"] is None else _pm(r["val_acc_mean"], r["val_acc_std"])
+        acc = "-" if r["val_acc_mean"] is None else _pm(r["val_acc_mean"], r["val_acc_std"],
+                                                        ".4f")
         table.add_row(str(r["rank"]), r["name"], conf, loss, acc,
                       f"{r['diverged']}/{r['n_seeds']}")
     console = Console(highlight=False, soft_wrap=True)
@@ -125,9 +126,11 @@ def print_leaderboard(report: dict) -> None:
     console.print(report["verdict"]["summary"])
 
 
-def _pm(mean: float, std: float | None) -> str:
-    """mean ± std; the std is None with one seed (nothing to show)."""
-    return f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
+def _pm(mean: float, std: float | None, fmt: str = ".4g") -> str:
+    """mean ± std as report.md writes it (losses: 4 significant digits, so small losses stay
+    apart); the std is None with one seed (nothing to show)."""
+    return format(mean, fmt) + ("" if std is None else
+                                f" ± {format(std, '.2g' if fmt == '.4g' else fmt)}")
 
 
 def demo(
