@@ -183,7 +183,7 @@ def task_row(cache: Cache, task, preset: str, steps: int, learned: dict, version
 def run(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)
     mode = "quick" if args.quick else "full"
     cache = Cache(args.out / f"paper-cache-{mode}.json")
     runs = args.runs or (5 if args.quick else 20)
