@@ -1,6 +1,7 @@
 """Task suite: IDX reader, batched tasks vs per-instance / reference modules, specs, evaluate."""
 
 import gzip
+import json
 import math
 import struct
 
@@ -20,6 +21,7 @@ from autol2o.meta import (
     build_task,
     convex_term,
     evaluate,
+    preset_spec,
     read_idx,
     sqrt2_grid,
     tune_lr,
@@ -241,6 +243,17 @@ def test_sin_lstm_follows_the_authors_sampling_and_old_specs_still_rebuild():
     assert yo.abs().max() <= 1.0 and (yo ** 2).mean() == pytest.approx(1 / 6, rel=0.1)
     card_specs = [t for t in load_entry("rnnprop-mix")[1]["tasks"] if t["kind"] == "sin_lstm"]
     assert card_specs and all(t["forget_bias"] == 1.0 and t["amp_max"] == 1.0 for t in card_specs)
+
+
+def test_a_task_spec_given_as_json_rebuilds_that_task():
+    old = {**preset_spec("sin-lstm"), "amp_max": 1.0, "freq_max": 1.0, "forget_bias": 1.0}
+    task = build_task(json.dumps(old))
+    assert task.spec == old and task.name == "sin-lstm"
+    assert build_task(" " + json.dumps(preset_spec("mlp-digits"))).spec == preset_spec("mlp-digits")
+    with pytest.raises(UserError, match="not valid JSON"):
+        build_task('{"kind": "mlp",')
+    with pytest.raises(UserError, match="unknown task kind"):
+        build_task('{"kind": "nope"}')
 
 
 def test_sqrt2_grid_is_the_papers_learning_rate_grid():

@@ -231,11 +231,13 @@ def test_train_to_zoo_writes_a_loadable_entry_with_a_full_card(tmp_path):
 
     cfg = TrainConfig(horizon=6, unroll=3, iterations=4, batch=2, validate_every=2, val_runs=2,
                       random_scaling=3.0, convex_combination=True)
-    out = train_to_zoo("rnnprop", ["quadratic"], cfg, tmp_path / "tiny", None, "cpu", False,
-                       "autol2o zoo train --rule rnnprop --task quadratic")
+    five = '{"kind": "quadratic", "name": "quad5", "dim": 5}'   # a task given as a JSON spec
+    out = train_to_zoo("rnnprop", ["quadratic", five], cfg, tmp_path / "tiny", None, "cpu", False,
+                       "autol2o zoo train --rule rnnprop --task quadratic --task ...")
     rule, card = load_entry(out)
     assert isinstance(rule, RNNprop) and not (out / "checkpoint").exists()
-    assert card["command"].startswith("autol2o zoo train") and card["trained_on"] == ["quadratic"]
+    assert card["command"].startswith("autol2o zoo train")
+    assert card["trained_on"] == ["quadratic", "quad5"] and card["tasks"][1]["dim"] == 5
     assert card["tricks"]["random_scaling"] == 3.0 and card["tricks"]["convex_combination"]
     assert card["training"]["horizon"] == 6 and card["training"]["meta_iterations"] == 4
     assert card["training"]["diverged"] == 0 and card["validation"]["best_val_loss"] > 0

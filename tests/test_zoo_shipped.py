@@ -46,6 +46,20 @@ def test_shipped_entries_load_and_verify(tmp_path):
         assert again.read_bytes() == data, f"{name}: not the bytes save_entry writes"
 
 
+def test_each_cards_command_names_exactly_its_training_tasks():
+    """A card's ``--task`` arguments (preset names, or specs as JSON where a preset has changed
+    since the entry was trained) rebuild the very task specs the card lists."""
+    import shlex
+
+    from autol2o.meta.tasks import preset_spec
+
+    for entry in list_entries(shipped_root()):
+        argv = shlex.split(entry.card["command"])
+        given = [argv[i + 1] for i, a in enumerate(argv) if a == "--task"]
+        specs = [json.loads(t) if t.startswith("{") else preset_spec(t) for t in given]
+        assert specs == entry.card["tasks"], entry.name
+
+
 def test_long_entry_trained_to_1000_steps():
     _, card = load_entry(shipped_root() / "rnnprop-long")
     assert card["training"]["max_horizon"] >= 1000

@@ -120,7 +120,8 @@ def train_cmd(
     out: Annotated[Path, typer.Option("--out", help="Entry directory to write, e.g. pretrained/NAME.")],
     rule: Annotated[str, typer.Option("--rule", help="Learned rule: rnnprop or dm.")] = "rnnprop",
     task: Annotated[list[str] | None, typer.Option(
-        "--task", help="Training task name (repeatable), e.g. mlp-digits, mnist-nn-sigmoid.")] = None,
+        "--task", help="Training task (repeatable): a preset, e.g. mlp-digits, mnist-nn-sigmoid, "
+                       "or a task spec as JSON, as in a card's tasks.")] = None,
     horizon: Annotated[int, typer.Option(
         help="Optimizee steps per run (with --curriculum: leave out, it sets the horizons).")] = 100,
     unroll: Annotated[int, typer.Option(

@@ -106,8 +106,8 @@ def train_to_zoo(rule_name: str, task_names: list[str], config: TrainConfig, out
         return out
     card = {
         "name": out.name,
-        "description": f"{rule_name} meta-trained on {', '.join(task_names)}",
-        "trained_on": list(task_names),
+        "description": f"{rule_name} meta-trained on {', '.join(t.name for t in tasks)}",
+        "trained_on": [t.name for t in tasks],
         **result.card_fields,
         **({"init_from": init_from} if init_from else {}),
         "command": command,

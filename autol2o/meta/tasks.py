@@ -21,6 +21,7 @@ from a preset name such as ``"mnist-nn-sigmoid"``.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -510,11 +511,20 @@ _KINDS: dict[str, type[Task]] = {"mlp": MLPTask, "cnn": CNNTask, "sin_lstm": Sin
 
 def build_task(spec: dict[str, Any] | str, data_dir: str | Path | None = None,
                device: torch.device | str = "cpu") -> Task:
-    """Task from a spec dict (``task.spec``) or a preset name (see :func:`preset_spec`).
+    """Task from a spec dict (``task.spec``), a preset name (see :func:`preset_spec`), or a spec
+    written as JSON (``--task '{"kind": ...}'``: a zoo card's ``tasks`` entry rebuilds exactly the
+    task it names, also where a preset has changed since).
 
     ``data_dir`` is where the MNIST IDX files live; it is a property of the machine, not of the
     task, so it is not part of the spec.
     """
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        try:
+            spec = json.loads(spec)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"task spec {spec!r} is not valid JSON: {exc}") from None
+        if not isinstance(spec, dict):
+            raise UserError(f"task spec {spec!r} must be a JSON object")
     if isinstance(spec, str):
         spec = preset_spec(spec)
     spec = dict(spec)
