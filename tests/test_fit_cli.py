@@ -247,6 +247,8 @@ def test_fine_tune_saves_a_zoo_entry_in_the_run(tmp_path, capsys, entry, meta_lo
     ft = r["fine_tune"]
     assert ft["iterations"] == 2 and ft["name"] == f"{entry}-ft"
     rule, card = load_entry(tmp_path / "run" / "fine-tuned")      # checksum-verified entry
+    assert r["artifacts"]["fine_tuned"] == "fine-tuned"
+    assert not (tmp_path / "run" / "fine-tune-checkpoint").exists()   # spent once on record
     assert isinstance(rule, DMOptimizer if entry == "dm-rand" else RNNprop)
     assert card["base"] == entry and card["train_config"]["meta_loss"] == meta_loss
     learned = next(f for f in r["finals"] if f["kind"] == "learned")

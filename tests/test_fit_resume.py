@@ -77,8 +77,10 @@ def test_interrupt_then_resume(tmp_path, capsys, monkeypatch):
     n_points = sum(len(e["curve"]["steps"]) for e in r["race"]["entries"] if "curve" in e)
     assert n_points > 0 and len(race_rows) == n_points
     t = r["tuning"]["sgd"]
-    assert t["n_trials"] == 4 and t["n_failed"] == 1
+    # --trials 3 finished; the trial cut off by the interruption is counted apart
+    assert t["n_trials"] == 3 and t["n_unfinished"] == 1 and t["n_failed"] == 1
     assert t["n_complete"] + t["n_pruned"] == 3
+    assert "3 finished trials" in (run / "report.md").read_text()
     assert r["tuning"]["adam"]["n_trials"] == 3
     # resumed sampler does not replay the configurations already tried
     sgd = optuna.load_study(study_name="run-sgd", storage=storage)

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -341,9 +342,13 @@ class FitRun:
                          val_runs=2, checkpoint_every=max(1, cfg.fine_tune // 4))
         self.out.log(f"fine-tune: meta-training {name} for {cfg.fine_tune} iterations "
                      f"(horizon {tc.horizon}, unroll {tc.unroll}, {tc.batch} instances)")
+        t_meta = time.perf_counter()
         res = meta_train(copy.deepcopy(rule), task, tc, device=self.p.device,
                          checkpoint_dir=self.dir / "fine-tune-checkpoint", resume=True,
                          progress=self.out.enabled, val_tasks=[task.validation_task()])
+        # meta-training time spent before an interruption (res.wall_time continues from the
+        # checkpoint; this call's own share is measured here)
+        earlier = max(0.0, res.wall_time - (time.perf_counter() - t_meta))
         ft_name = f"{name}-ft"
         card = {"name": ft_name, "base": name, "trained_on": [task.spec],
                 "train_config": tc.to_dict(), **res.card_fields,
@@ -360,7 +365,7 @@ class FitRun:
         used = (res.best_iteration not in (0, None) and math.isfinite(r_new.final_val_loss)
                 and r_new.final_val_loss <= r_old.final_val_loss)
         n_val = sum("val_loss" in h for h in res.history) + 1  # + the starting weights' check
-        self.timings["fine_tune"] = time.perf_counter() - t0
+        self.timings["fine_tune"] = time.perf_counter() - t0 + earlier
         ph["fine_tune"] = {
             "name": ft_name, "path": str(path), "iterations": cfg.fine_tune,
             # meta-training unrolls + its validation runs + the two probe runs
@@ -375,6 +380,8 @@ class FitRun:
         self.out.log(f"fine-tune: probe val loss {_fmt(r_old.final_val_loss)} -> "
                      f"{_fmt(r_new.final_val_loss)} ({'using' if used else 'not using'} {ft_name})")
         self._save_state()
+        # the phase is on record now (a resume skips it): its resume checkpoint is spent
+        shutil.rmtree(self.dir / "fine-tune-checkpoint", ignore_errors=True)
         return (res.rule, ft_name) if used else (rule, name)
 
     # phase 3 -------------------------------------------------------------------------------
@@ -509,7 +516,10 @@ class FitRun:
             trials = [trial_record(t) for t in study.get_trials(deepcopy=False)]
             tuning[kind] = {
                 "study": study.study_name, "storage": redact(self.storage_url),
-                "n_trials": len(trials),
+                # finished trials (what --trials counts); trials cut off by Ctrl-C or a
+                # crash stay in the study and are re-run on --resume: counted apart
+                "n_trials": n_done(study),
+                "n_unfinished": len(trials) - n_done(study),
                 "n_complete": sum(t["state"] == "COMPLETE" for t in trials),
                 "n_pruned": sum(t["state"] == "PRUNED" for t in trials),
                 "n_failed": sum(t["state"] == "FAIL" for t in trials),
@@ -546,6 +556,7 @@ class FitRun:
             "verdict": verdict | {"learned_search_steps": search_steps},
             "timings": self.timings,
             "artifacts": {"report_json": "report.json", "report_md": "report.md",
+                          "fine_tuned": "fine-tuned" if "fine_tune" in ph else None,
                           "metrics": "metrics.csv", "curves": "curves.png" if self.finals else None,
                           "weights": None,
                           "optuna_storage": redact(self.storage_url),

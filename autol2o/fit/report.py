@@ -25,8 +25,10 @@ so an interrupted run never leaves a half-written file.
                              validation loss of a trained model),
                              best_iteration (0: the starting weights stayed best),
                              probe_val_loss_before, probe_val_loss_after, used, wall_time}
-    tuning           {adam|sgd: {study, storage, n_trials, n_complete, n_pruned, n_failed,
-                     n_diverged, best_params, best_value, compute {trials, steps, wall_time},
+    tuning           {adam|sgd: {study, storage, n_trials (finished: complete, pruned or
+                     diverged; what --trials counts), n_unfinished (cut off by an interruption;
+                     re-run on --resume), n_complete, n_pruned, n_failed, n_diverged,
+                     best_params, best_value, compute {trials, steps, wall_time},
                      trials_by_this_process [numbers], trials: [{number, state, params, value,
                      steps_run, wall_time, diverged, worker, curve_steps, curve_val}]}}
     finals           [{name, kind ("learned"|"adam"|"sgd"), params, val_loss {mean, std, values},
@@ -49,7 +51,8 @@ so an interrupted run never leaves a half-written file.
                       [best_adam_trial_val_loss, learned_steps_to_match_best_adam: only with a
                       learned contender and an Adam study], learned_search_steps}
     timings          seconds per phase (race, fine_tune, tune_adam, tune_sgd, finals)
-    artifacts        {report_json, report_md, metrics, curves, weights, optuna_storage,
+    artifacts        {report_json, report_md, fine_tuned (the fine-tuned zoo entry's folder,
+                      or null), metrics, curves, weights, optuna_storage,
                       optuna_db, dashboard_command, [preprocessing]}  (file names in run_dir;
                       preprocessing.json holds the feature mean/std when tabular inputs were
                       standardised)
@@ -246,9 +249,11 @@ def markdown(r: dict[str, Any]) -> str:
                   f"{'used' if f['used'] else 'not used'}. Weights: `{f['path']}`.", ""]
     for kind, t in r.get("tuning", {}).items():
         lines += [f"## Optuna: {kind}", "",
-                  f"Study `{t['study']}`: {t['n_trials']} trials ({t['n_complete']} complete, "
-                  f"{t['n_pruned']} pruned, {t['n_failed']} failed of which {t['n_diverged']} "
-                  f"diverged), {t['compute']['steps']} optimizer steps. Best "
+                  f"Study `{t['study']}`: {t['n_trials']} finished trials ({t['n_complete']} "
+                  f"complete, {t['n_pruned']} pruned, {t['n_diverged']} diverged)"
+                  + (f" and {t['n_unfinished']} cut off by an interruption"
+                     if t.get("n_unfinished") else "")
+                  + f", {t['compute']['steps']} optimizer steps. Best "
                   f"{_f(t['best_value'])} with {t['best_params']}.", ""]
     a = r["artifacts"]
     lines += ["## Files", "", f"- curves: `{a.get('curves')}`; metrics: `{a['metrics']}`; "
