@@ -196,3 +196,31 @@ def test_fine_tune_counts_the_short_last_unroll(tmp_path, capsys, monkeypatch):
     # + validations (start and after each iteration: validate_every 3 // 4 -> 1) of 2 runs x 30
     # steps + 2 probe runs of round(0.25 * 30) = 8 steps
     assert ft["optimizee_steps"] == sum(taken) + 4 * 2 * 30 + 2 * 8
+
+
+def test_curves_legend_says_which_seeds_diverged(tmp_path, monkeypatch):
+    """curves.png draws finite seeds only; the legend must say how many diverged, and list a
+    contender whose every seed diverged instead of dropping it silently."""
+    import matplotlib.axes
+
+    from autol2o.fit.report import plot_curves
+    from autol2o.fit.train import RunResult
+
+    def run(seed, diverged=False):
+        return RunResult("x", seed, steps=[0, 5, 10], train_loss=[None, 0.9, 0.5],
+                         val_loss=[1.0, 0.8, 0.6], val_acc=[None] * 3, steps_run=10,
+                         diverged=diverged)
+
+    labels, real_plot = [], matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        labels.append(kwargs.get("label"))
+        return real_plot(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    plot_curves({"adam": [run(0), run(1)], "rnnprop": [run(0), run(1, True), run(2)],
+                 "wild": [run(0, True), run(1, True)]}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert labels[:3] == ["adam (2 seeds)", "rnnprop (2 seeds, 1 diverged (not drawn))",
+                          "wild: all 2 seeds diverged"]
+    assert labels == labels[:3] * 2          # the same on both panels (train, validation)

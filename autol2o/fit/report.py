@@ -146,7 +146,9 @@ def plot_curves(finals: dict, path: Path) -> None:
                            (axes[1], "val_loss", "validation loss")):
         for name, runs in finals.items():
             ok = [r for r in runs if not r.diverged]
-            if not ok:
+            gone = len(runs) - len(ok)
+            if not ok:  # nothing to draw, but the legend must not pretend it never ran
+                ax.plot([], [], " ", label=f"{name}: all {gone} seeds diverged")
                 continue
             first = 1 if key == "train_loss" else 0   # no training loss before step 1
             steps = ok[0].steps[first:]
@@ -155,7 +157,8 @@ def plot_curves(finals: dict, path: Path) -> None:
             if not len(steps) or np.isnan(vals).all():
                 continue
             mean = np.nanmean(vals, axis=0)
-            line = ax.plot(steps, mean, label=f"{name} ({len(vals)} seeds)")[0]
+            note = f", {gone} diverged (not drawn)" if gone else ""
+            line = ax.plot(steps, mean, label=f"{name} ({len(vals)} seeds{note})")[0]
             if len(vals) > 1:
                 ax.fill_between(steps, np.nanmin(vals, axis=0), np.nanmax(vals, axis=0),
                                 color=line.get_color(), alpha=0.2)
