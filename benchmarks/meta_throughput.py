@@ -6,7 +6,8 @@
 Meta-trains RNNprop (truncated BPTT, unroll 20, both tricks, "last" meta-loss) on a task (default
 the digits MLP 64-20-10: 1510 parameters + 20 convex-term parameters per instance) and counts
 optimizee steps per second summed over the B instances: one step of B instances counts B.  Also
-times the inference path (``evaluate``: no graph, as when the learned optimizer is used).  Writes
+times the inference path (``evaluate``'s loop: no graph, as when the learned optimizer is
+used; the protocol's final-loss pass is not counted).  Writes
 ``benchmarks/results/meta_throughput.md`` (other tasks: ``meta_throughput-TASK.md``).
 
 Batching removes per-step overhead (Python, kernel launches), not arithmetic: the speed-up is
@@ -24,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-from autol2o.meta import TrainConfig, build_task, evaluate, meta_train
+from autol2o.meta import TrainConfig, build_task, meta_train
+from autol2o.meta.evaluate import loss_and_grad, run_seeds
+from autol2o.meta.tasks import generators
 from autol2o.optimizers import RNNprop
 
 RESULTS = Path(__file__).parent / "results" / "meta_throughput.md"
@@ -52,13 +55,31 @@ def train_rate(task_name: str, batch: int, device: str, min_seconds: float) -> f
         iters *= 2
 
 
-def eval_rate(task_name: str, batch: int, device: str) -> float:
+def eval_rate(task_name: str, batch: int, device: str, steps: int = 50) -> float:
+    """Inference steps/s: ``evaluate``'s learned-optimizer loop (loss, gradient, one rule call
+    for all B instances) timed alone, without the protocol's final-loss pass (which is not an
+    optimizer step) and after a warm-up call."""
     task = build_task(task_name, device=device)
     torch.manual_seed(0)
     rule = RNNprop().to(device)
-    evaluate(rule, task, steps=5, runs=batch, max_batch=batch)
-    res = evaluate(rule, task, steps=50, runs=batch, max_batch=batch)
-    return 50 * batch / res.wall_time * 2  # x2: the final-loss pass costs as much as the steps
+    gens = generators(run_seeds(0, batch))
+    theta0, plan = task.init_params(gens), task.make_plan(gens)
+
+    def loop(n: int) -> None:
+        theta = theta0
+        state = rule.init_state(theta.numel(), device=theta.device, dtype=theta.dtype)
+        for t in range(n):
+            _, g = loss_and_grad(task.loss, theta, task.batch(plan, t))
+            with torch.no_grad():
+                update, state = rule(g.reshape(-1), state)
+                theta = theta + update.view_as(theta)
+        if theta.is_cuda:
+            torch.cuda.synchronize()
+
+    loop(5)
+    t0 = time.perf_counter()
+    loop(steps)
+    return steps * batch / (time.perf_counter() - t0)
 
 
 def rule_floor(coords: int, batch: int, device: str) -> float:
