@@ -216,7 +216,8 @@ def run(args) -> None:
             continue
         if name in learned or name in BASELINES:
             raise SystemExit(f"error: --learned {spec}: a second contender named {name!r}")
-        learned[name] = rule.to(args.device)
+        # --report-only computes nothing: it also renders a GPU run's cache on a machine without one
+        learned[name] = rule if args.report_only else rule.to(args.device)
         version[name] = card["sha256"][:12]  # a retrained entry must not reuse cached results
         if card["rule"] == "rnnprop":
             rnnprop.append(name)

@@ -5,9 +5,10 @@ ratio to Adam, the RNNprop step's achieved GFLOP/s (matmul FLOPs of the network,
 coordinate) against the machine's measured float32 matmul GFLOP/s, and optimizer-state bytes
 per parameter.  Results go to ``benchmarks/results/step_overhead.md``.
 
-``--chunk`` sets the rows per network call (default: the rule's 8192, sized for CPU caches).  On
-a GPU that chunking makes the step kernel-launch-bound; ``--chunk 0`` (all rows in one call) is
-the GPU figure (an H200, by hand: RNNprop 59 -> 5.7 ms at 1e6, 375 -> 37 ms at 1e7).
+``--chunk`` sets the rows per network call (default: the rule's own for the device, 8192 on the
+CPU for its caches, 2^20 on a GPU).  On a GPU 8192-row chunks make the step kernel-launch-bound
+(an H200, by hand: RNNprop 59 ms at 1e6 parameters and 375 ms at 1e7, against 5.7 and 37 ms with
+all rows in one call, ``--chunk 0``), which is why the GPU chunk is larger.
 
     python benchmarks/step_overhead.py [--device cpu|cuda] [--sizes 1e4 1e5 1e6] [--chunk 32768]
 """
@@ -69,7 +70,7 @@ def state_bytes(opt: torch.optim.Optimizer) -> int:
     return total
 
 
-def bench(size: int, device: torch.device, chunk: int) -> dict[str, dict[str, float]]:
+def bench(size: int, device: torch.device, chunk: int | None) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
     out: dict[str, dict[str, float]] = {}
     makers = {
@@ -85,7 +86,8 @@ def bench(size: int, device: torch.device, chunk: int) -> dict[str, dict[str, fl
             p.grad = torch.randn_like(p) * 1e-2
         opt = make(params)
         if isinstance(opt, LearnedOptimizer):
-            opt.rule.chunk_size = chunk
+            if chunk is not None:  # else the rule's own chunk for the device
+                opt.rule.chunk_size = opt.rule.gpu_chunk_size = chunk
         opt.step()  # materialise state
         sec = timeit(opt.step, device)
         out[name] = {"ms": sec * 1e3, "bytes_per_param": state_bytes(opt) / size}
@@ -98,7 +100,9 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", type=float, default=[1e4, 1e5, 1e6])
     ap.add_argument("--threads", type=int, default=0,
                     help="torch threads (0: torch's default); use 1 on a machine shared with other jobs")
-    ap.add_argument("--chunk", type=int, default=RNNprop.chunk_size)
+    ap.add_argument("--chunk", type=int, default=None,
+                    help="rows per network call (0: all); default the rule's own for the device "
+                         f"({RNNprop.chunk_size} on the CPU, {RNNprop.gpu_chunk_size} on a GPU)")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "step_overhead.md")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -122,7 +126,9 @@ def main() -> None:
         "# Optimizer step overhead",
         "",
         f"Device: {device} ({dev_name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
-        f"CPUs {os.cpu_count()}, chunk {args.chunk} rows, load average before the run "
+        f"CPUs {os.cpu_count()}, chunk "
+        f"{RNNprop().chunk_rows(device) if args.chunk is None else args.chunk} rows (0: all), "
+        "load average before the run "
         f"{os.getloadavg()[0]:.2f}.",
         f"Measured float32 matmul: {sq:.1f} GFLOP/s (2048^2 square), {skinny:.1f} GFLOP/s "
         "(the LSTM's shape, 1e6x40 @ 40x80).",

@@ -616,3 +616,15 @@ def test_changing_opt_rule_after_steps_takes_effect():
     opt.rule.chunk_size = 7
     _run(model, opt, 1)
     assert [net.chunk_size for _, net in opt._nets.values()] == [7]
+
+
+def test_chunk_rows_are_small_on_the_cpu_and_large_on_a_gpu():
+    """CPU: 8192-row network calls keep activations in cache; GPU: each call costs ~60 kernel
+    launches, so chunks are 2^20 rows there (devices named, not used: no GPU needed)."""
+    rule = RNNprop()
+    assert rule.chunk_rows("cpu") == 8192 and rule.chunk_rows("cuda:0") == 1 << 20
+    n = 3 * (1 << 20) + 5
+    assert [s.stop - s.start for s in rule._chunks(n, "cuda")] == [1 << 20] * 3 + [5]
+    assert len(rule._chunks(n, "cpu")) == math.ceil(n / 8192)
+    rule.gpu_chunk_size = 0
+    assert rule._chunks(n, "cuda") == [slice(0, n)]

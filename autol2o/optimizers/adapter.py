@@ -17,6 +17,9 @@ _Item = tuple[Tensor, dict[str, Any]]  # (parameter, its param group)
 #: parameters with at least this many coordinates are stepped alone, on their own state in place;
 #: for smaller ones a network call costs more than copying their state into a batch and back
 _ALONE = 2048
+#: on a GPU copying state in and out is cheap and each network call costs kernel launches: only
+#: large parameters go alone there
+_ALONE_GPU = 1 << 18
 
 
 def state_dtype_for(param_dtype: torch.dtype) -> torch.dtype:
@@ -39,16 +42,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
         weight_decay: decoupled weight decay, ``theta -= lr * weight_decay * theta``. Per group.
 
     Each parameter owns its state (``self.state[p]``, allocated at its first step).  A parameter
-    of at least 2048 coordinates (or ``rule.chunk_size``, if smaller) goes through the network
-    alone, its state updated in place; smaller ones are batched, per (device, state dtype), into
-    runs of at most ``chunk_size`` coordinates whose state is copied in and back out.  Parameters
+    of at least 2048 coordinates on the CPU (2^18 on a GPU; or the rule's chunk,
+    ``rule.chunk_rows(device)``, if smaller: 8192 rows on the CPU, 2^20 on a GPU) goes through the
+    network alone, its state updated in place; smaller ones are batched, per (device, state
+    dtype), into runs of at most one chunk whose state is copied in and back out.  Parameters
     whose ``grad`` is ``None`` are skipped and their state does not advance.
 
     Memory: for ``rule.state_floats_per_coordinate()`` = k floats per coordinate (RNNprop: m, v
     and 2x2x20 LSTM state = 82; DMoptimizer: 80), the state costs ``4k`` bytes per float32
     parameter (328 B for RNNprop, i.e. 82x the parameter itself; ``8k`` for float64).  Half
     precision parameters keep float32 state.  A step additionally needs about
-    ``chunk_size * (400 + 2k)`` floats of activations and batched state, plus a few floats per
+    ``chunk * (400 + 2k)`` floats of activations and batched state, plus a few floats per
     coordinate of the largest parameter for the input features.
     """
 
@@ -90,8 +94,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
     # -- helpers -----------------------------------------------------------------------------
     def _rule_version(self) -> tuple:
         """Changes whenever ``self.rule`` is replaced, its weights are written (``_version``
-        counts in-place writes, ``load_state_dict`` included) or its ``chunk_size`` is set."""
-        return (id(self.rule), self.rule.chunk_size,
+        counts in-place writes, ``load_state_dict`` included) or a chunk size is set."""
+        return (id(self.rule), self.rule.chunk_size, self.rule.gpu_chunk_size,
                 tuple(t._version for t in self.rule.state_dict().values()))
 
     def _net(self, device: torch.device, dtype: torch.dtype) -> LearnedRule:
@@ -157,9 +161,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     st.update({k: v for k, v in fresh.items() if k != "step"})
                     st["step"] = torch.zeros((), dtype=torch.float32)
                 buckets.setdefault((p.device, sdtype), []).append((p, group))
-        rows = self.rule.chunk_size if self.rule.chunk_size > 0 else math.inf
-        for (_, sdtype), items in buckets.items():
-            for batch in _batches(items, min(_ALONE, rows), rows):
+        for (device, sdtype), items in buckets.items():
+            rows = self.rule.chunk_rows(device) or math.inf
+            alone = _ALONE if device.type == "cpu" else _ALONE_GPU
+            for batch in _batches(items, min(alone, rows), rows):
                 self._update(batch, sdtype)
         return loss
 

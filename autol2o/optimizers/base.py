@@ -14,7 +14,8 @@ Two modes, one code path:
   meta-weights through the update and the recurrent state; gradients ``grad`` are always detached,
   so second derivatives are dropped (as in both papers);
 * **inference** (``torch.no_grad()``): state tensors are updated in place, and the network is
-  evaluated in row chunks of :attr:`LearnedRule.chunk_size` so activations stay in cache.
+  evaluated in row chunks (:meth:`LearnedRule.chunk_rows`: small on the CPU, so activations
+  stay in cache; large on a GPU, where each call costs kernel launches).
 """
 
 from __future__ import annotations
@@ -34,8 +35,13 @@ class LearnedRule(nn.Module):
     name: ClassVar[str] = ""
     #: coordinate axis of each state tensor (``step`` is special: scalar or ``(N,)``)
     state_layout: ClassVar[dict[str, int]] = {}
-    #: rows per network call in inference mode; ``0`` means all rows at once
+    #: rows per network call in inference mode on the CPU, where small chunks keep the
+    #: activations in cache; ``0`` means all rows at once
     chunk_size: int = 8192
+    #: the same on a GPU: each call is ~60 kernel launches, so CPU-sized chunks make a large step
+    #: launch-bound (an H200 at 1e6 parameters: 59 ms with 8192 rows, 5.7 ms with all rows); a
+    #: million rows keep the launches negligible and the activations near 2 GB
+    gpu_chunk_size: int = 1 << 20
 
     def init_state(self, n: int, *, device: torch.device | str | None = None,
                    dtype: torch.dtype = torch.float32) -> State:
@@ -55,8 +61,13 @@ class LearnedRule(nn.Module):
     def differentiable() -> bool:
         return torch.is_grad_enabled()
 
-    def _chunks(self, n: int) -> list[slice]:
-        size = self.chunk_size if self.chunk_size > 0 else n
+    def chunk_rows(self, device: torch.device | str) -> int:
+        """Rows per network call on ``device`` (``0``: all at once)."""
+        return self.chunk_size if torch.device(device).type == "cpu" else self.gpu_chunk_size
+
+    def _chunks(self, n: int, device: torch.device | str = "cpu") -> list[slice]:
+        rows = self.chunk_rows(device)
+        size = rows if rows > 0 else n
         return [slice(s, min(s + size, n)) for s in range(0, n, max(size, 1))]
 
 

@@ -76,7 +76,7 @@ def dm_update(net: DMOptimizer, grad: Tensor, state: State, *,
     h, c = state["h"], state["c"]
     update = torch.empty_like(feats[:, 0])
     fast = net.lstm.fast_weights()
-    for rows in net._chunks(feats.shape[0]):
+    for rows in net._chunks(feats.shape[0], feats.device):
         y = net.lstm.forward_into(feats[rows], h[:, rows], c[:, rows], fast)
         update[rows] = net.output(y).squeeze(-1)
     update.mul_(net.out_scale)

@@ -124,7 +124,7 @@ def rnnprop_update(net: RNNprop, grad: Tensor, state: State, *,
     h, c = state["h"], state["c"]
     update = torch.empty_like(grad)
     fast = net.lstm.fast_weights()
-    for rows in net._chunks(grad.shape[0]):
+    for rows in net._chunks(grad.shape[0], grad.device):
         x = F.elu(net.input(feats[rows]))
         y = net.lstm.forward_into(x, h[:, rows], c[:, rows], fast)
         update[rows] = net.output(y).squeeze(-1)
