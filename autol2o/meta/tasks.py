@@ -523,8 +523,6 @@ def build_task(spec: dict[str, Any] | str, data_dir: str | Path | None = None,
             spec = json.loads(spec)
         except json.JSONDecodeError as exc:
             raise UserError(f"task spec {spec!r} is not valid JSON: {exc}") from None
-        if not isinstance(spec, dict):
-            raise UserError(f"task spec {spec!r} must be a JSON object")
     if isinstance(spec, str):
         spec = preset_spec(spec)
     spec = dict(spec)
