@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def read_idx(path: str | Path) -> np.ndarray:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as fh:
             raw = fh.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    # a corrupt deflate stream raises zlib.error, which is not an OSError
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise UserError(f"{path}: cannot read IDX file ({exc})") from None
     if len(raw) < 4:
         raise UserError(f"{path}: not an IDX file (only {len(raw)} bytes)")
@@ -109,6 +111,8 @@ def synthetic_classification(n: int = 2048, d: int = 32, classes: int = 10, seed
 def load_dataset(name: str, data_dir: str | Path | None = None,
                  split: str = "train") -> tuple[Tensor, Tensor, tuple[int, int, int]]:
     """Dispatch by dataset name: ``digits``, ``mnist`` (needs ``data_dir``) or ``synthetic``."""
+    if split not in MNIST_FILES:  # digits and synthetic would read any other word as "test"
+        raise UserError(f"unknown data split {split!r}; use 'train' or 'test'")
     if name == "digits":
         return load_digits(split)
     if name == "mnist":

@@ -128,6 +128,9 @@ class TrainConfig:
                             f"got {self.random_scaling}")
         if not 0.0 <= self.ema < 1.0:
             raise UserError(f"--ema must lie in [0, 1), got {self.ema}")
+        if self.convex_combination and self.convex_dim < 1:  # 0 would silently drop the term
+            raise UserError(f"convex_dim must be >= 1 with convex_combination, "
+                            f"got {self.convex_dim}")
         if self.grad_clip is not None and not self.grad_clip > 0:
             raise UserError(f"grad_clip must be > 0 (or None), got {self.grad_clip}")
         cur = list(self.curriculum or ())
@@ -200,6 +203,7 @@ class MetaTrainResult:
                                   #: the averaged weights throughout
     history: list[dict[str, Any]]
     diverged: int                 #: runs dropped because the loss or meta-gradient was not finite
+                                  #: (under ``torchrun``: on all ranks together)
     wall_time: float
     card_fields: dict[str, Any] = field(default_factory=dict)
     best_val: float | None = None
@@ -332,23 +336,23 @@ def hardware_info(device: torch.device | str) -> dict[str, Any]:
     return info
 
 
-def _sync_grads(rule: LearnedRule, ok: bool, world: int) -> bool:
-    """Average meta-gradients over ranks that produced a finite one; ``True`` if any did."""
+def _sync_grads(rule: LearnedRule, ok: bool, world: int) -> int:
+    """Average meta-gradients over ranks that produced a finite one; returns how many did."""
     params = [p for p in rule.parameters()]
     if world == 1:
-        return ok
+        return int(ok)
     flat = torch.cat([(p.grad if ok and p.grad is not None else torch.zeros_like(p)).reshape(-1)
                       for p in params] + [torch.ones(1, device=params[0].device) * float(ok)])
     dist.all_reduce(flat)
-    count = float(flat[-1])
+    count = round(float(flat[-1]))
     if count == 0:
-        return False
+        return 0
     pos = 0
     for p in params:
         n = p.numel()
         p.grad = (flat[pos:pos + n] / count).view_as(p).clone()
         pos += n
-    return True
+    return count
 
 
 def _validate(rule: LearnedRule, val_tasks: list[Task], config: TrainConfig) -> float:
@@ -462,7 +466,7 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
                 task_index = int(torch.randint(len(tasks), (), generator=sampler))
                 seeds = torch.randint(0, 2**62, (config.batch,), generator=sampler).tolist()
                 run = _Run(tasks, rule, config, task_index, seeds, config.horizon_at(iteration))
-            steps = min(config.unroll, run.horizon - run.t)
+            steps, horizon = min(config.unroll, run.horizon - run.t), run.horizon
             meta_opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
                 per_instance = _unroll(run, rule, steps, config.meta_loss)
@@ -474,10 +478,11 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
                     meta_loss.backward()
                     ok = all(p.grad is None or bool(torch.isfinite(p.grad).all())
                              for p in rule.parameters())
-            if not ok:  # diverged: drop this run (not fatal), count it
-                diverged += 1
+            if not ok:  # diverged: drop this run (not fatal)
                 run = None
-            if _sync_grads(rule, ok, world):
+            n_ok = _sync_grads(rule, ok, world)
+            diverged += world - n_ok  # every rank's dropped runs, so that all ranks agree
+            if n_ok:
                 if config.grad_clip:
                     torch.nn.utils.clip_grad_norm_(rule.parameters(), config.grad_clip)
                 for group in meta_opt.param_groups:
@@ -489,7 +494,7 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
                             avg.lerp_(w, 1.0 - config.ema)
             iteration += 1
             record = {"iteration": iteration, "meta_loss": float(meta_loss.detach()) if ok else None,
-                      "horizon": config.horizon_at(iteration - 1), "diverged": diverged}
+                      "horizon": horizon, "diverged": diverged}
             if config.validate_every and (iteration % config.validate_every == 0
                                           or iteration == config.iterations):
                 val = _validate(averaged, val_tasks, config)
