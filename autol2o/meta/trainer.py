@@ -313,13 +313,17 @@ def _world() -> tuple[int, int]:
 
 def _rng_states() -> dict[str, Any]:
     np_state = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+    # the GPUs' generators too (a user model with dropout on CUDA draws from them), once in use
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda,
             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
                       *[float(v) if isinstance(v, float) else int(v) for v in np_state[2:]]]}
 
 
 def _set_rng_states(states: dict[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
     py = states["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     name, key, *rest = states["numpy"]
