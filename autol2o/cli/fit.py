@@ -72,7 +72,9 @@ def fit(
 
     cfg = FitConfig(steps=steps, batch_size=batch_size, probe_fraction=probe, trials=trials,
                     seeds=seeds, fine_tune=fine_tune, optimizer=optimizer,
-                    baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()),
+                    # "adam,adam" would tune and retrain Adam twice, for one leaderboard row
+                    baselines=tuple(dict.fromkeys(b.strip() for b in baselines.split(",")
+                                                  if b.strip())),
                     device=device, storage=storage, study=study, n_jobs=n_jobs, seed=seed,
                     zoo=zoo, threads=threads)
     explicit = None

@@ -12,6 +12,7 @@ found.  Rules:
   (``MODEL.py`` may override it with ``task = ...``).  Class labels become indices ``0..K-1``:
   labels that already are ``0..K-1`` are kept, anything else (names, negative or gappy numbers
   such as years) is mapped in sorted order and the report's ``classes`` lists the originals;
+  one class only is refused (nothing to learn), a class seen only in validation is noted;
 * without a validation split the data are split deterministically, 80/20, by
   :func:`sklearn.model_selection.train_test_split` with ``random_state=seed`` (stratified for
   classification when every class has at least two examples);
@@ -131,20 +132,27 @@ def load_data(path: str | Path | None, *, target: str | None = None, seed: int =
     return data
 
 
+def _image_files(d: Path) -> list[Path]:
+    """PNG/JPEG files of a class folder, sorted; hidden ones (macOS ``._x.png`` resource forks
+    that archives and USB sticks carry along) are not images."""
+    return sorted(f for f in d.iterdir()
+                  if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith("."))
+
+
 def _images_in(d: Path) -> bool:
-    return any(f.suffix.lower() in IMAGE_SUFFIXES for f in d.iterdir())
+    return bool(_image_files(d))
 
 
 def _load_file(p: Path, target, seed, task, val_fraction) -> FitData:
     if p.suffix == ".csv":
-        x, y, _ = _read_csv(p, target)
+        x, y, _, _ = _read_csv(p, target)
         return _finish(x, y, None, None, p, "csv", seed, task, val_fraction, tabular=True)
     if p.suffix == ".npz":
         if target is not None:
             raise UserError(f"{p}: --target applies to CSV data only")
         arrays = _read_npz(p)
         x, y = _xy(arrays, p)
-        xv, yv = _xy(arrays, p, suffix="_val") if "X_val" in arrays else (None, None)
+        xv, yv = _xy(arrays, p, suffix="_val") if _has_val(arrays) else (None, None)
         return _finish(x, y, xv, yv, p, "npz", seed, task, val_fraction, tabular=x.ndim == 2)
     if p.stat().st_size == 0:
         raise UserError(f"{p}: data file is empty")
@@ -153,8 +161,9 @@ def _load_file(p: Path, target, seed, task, val_fraction) -> FitData:
 
 
 # -- formats ----------------------------------------------------------------------------------
-def _read_csv(p: Path, target: str | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Parse a CSV with a header row. Returns features, raw target strings, feature names.
+def _read_csv(p: Path, target: str | None) -> tuple[np.ndarray, np.ndarray, list[str], str]:
+    """Parse a CSV with a header row. Returns features, raw target strings, feature names and
+    the target column's name.
 
     ``utf-8-sig`` drops the byte-order mark spreadsheet programs write, which would otherwise
     hide the first column's name; ``;`` and tab separators are recognised from the header."""
@@ -196,13 +205,16 @@ def _read_csv(p: Path, target: str | None) -> tuple[np.ndarray, np.ndarray, list
     x = np.empty((len(body), len(feats)), dtype=np.float64)
     for i, r in enumerate(body):
         for k, j in enumerate(feats):
+            if not r[j].strip():
+                raise UserError(f"{p}: missing value (empty cell) in column {header[j]!r} "
+                                f"(line {i + 2}); fill or drop it")
             try:
                 x[i, k] = float(r[j])
             except ValueError:
                 raise UserError(f"{p}: non-numeric value {r[j]!r} in column {header[j]!r} "
                                 f"(line {i + 2})") from None
     y = np.array([r[t].strip() for r in body], dtype=object)
-    return x, y, [header[j] for j in feats]
+    return x, y, [header[j] for j in feats], header[t]
 
 
 def _read_npz(p: Path) -> dict[str, np.ndarray]:
@@ -233,6 +245,12 @@ def _xy(arrays: dict[str, np.ndarray], p: Path, suffix: str = "") -> tuple[np.nd
     return arrays[xs[0]], arrays[ys[0]]
 
 
+def _has_val(arrays) -> bool:
+    """Does an NPZ hold a validation split?  Any of its arrays (either case) counts, so a lone
+    ``X_val`` is an error from :func:`_xy` rather than silently replaced by a random split."""
+    return any(k in arrays for k in ("X_val", "x_val", "y_val", "Y_val"))
+
+
 def _load_csv_dir(p, files, target, seed, task, val_fraction) -> FitData:
     names = {f.name: f for f in files}
     train = names.get("train.csv")
@@ -247,10 +265,11 @@ def _load_csv_dir(p, files, target, seed, task, val_fraction) -> FitData:
             raise UserError(f"{p}: several CSV files but no train.csv "
                             f"({', '.join(f.name for f in csvs)})")
         train = csvs[0]
-    x, y, cols = _read_csv(train, target)
+    x, y, cols, tname = _read_csv(train, target)
     xv = yv = None
     if "val.csv" in names:
-        xv, yv, vcols = _read_csv(names["val.csv"], target)
+        # train.csv's target column by name: "the last column" may be another one in val.csv
+        xv, yv, vcols, _ = _read_csv(names["val.csv"], tname)
         if sorted(vcols) != sorted(cols):
             raise UserError(f"{names['val.csv']}: feature columns differ from {train.name}'s "
                             f"({', '.join(sorted(set(vcols) ^ set(cols))) or 'count'})")
@@ -273,7 +292,7 @@ def _load_npz_dir(p, files, seed, task, val_fraction) -> FitData:
     xv = yv = None
     if "val.npz" in npz:
         xv, yv = _xy(_read_npz(npz["val.npz"]), npz["val.npz"])
-    elif "X_val" in arrays:
+    elif _has_val(arrays):
         xv, yv = _xy(arrays, train, suffix="_val")
     return _finish(x, y, xv, yv, train, "npz", seed, task, val_fraction, tabular=x.ndim == 2)
 
@@ -285,28 +304,42 @@ def _load_npy_dir(p, names, seed, task, val_fraction) -> FitData:
         raise UserError(f"{p}: .npy data needs X.npy and y.npy (found {', '.join(sorted(names))})")
     x, y = _read_npy(p / xn), _read_npy(p / yn)
     xv = yv = None
-    if "X_val.npy" in names and "y_val.npy" in names:
-        xv, yv = _read_npy(p / "X_val.npy"), _read_npy(p / "y_val.npy")
+    xvn = next((n for n in ("X_val.npy", "x_val.npy") if n in names), None)
+    yvn = next((n for n in ("y_val.npy", "Y_val.npy") if n in names), None)
+    if (xvn is None) != (yvn is None):  # half a validation split: not silently re-split
+        raise UserError(f"{p}: found {xvn or yvn} but not {'y_val.npy' if yvn is None else 'X_val.npy'}")
+    if xvn is not None:
+        xv, yv = _read_npy(p / xvn), _read_npy(p / yvn)
     return _finish(x, y, xv, yv, p / xn, "npy", seed, task, val_fraction, tabular=x.ndim == 2)
 
 
 def _load_idx_dir(p, files, seed, task, val_fraction) -> FitData:
     def find(kind: str, split: str) -> Path | None:
+        # "train-images-idx3-ubyte.gz" (LeCun's names) or "train-images.idx3-ubyte" (Kaggle's)
         for f in files:
-            if f.name.startswith(split) and kind in f.name:
+            if f.name.startswith(split) and kind.replace("-", ".") in f.name.replace("-", "."):
                 return f
         return None
+
+    def pair(fi: Path, fl: Path) -> tuple[np.ndarray, np.ndarray]:
+        images, labels = read_idx(fi), read_idx(fl)
+        if len(images) != len(labels):  # name both files: either may be the wrong one
+            raise UserError(f"{fi}: {len(images)} images but {fl.name} has {len(labels)} labels")
+        return images[:, None].astype(np.float32) / 255.0, labels.astype(np.int64)
 
     ti, tl = find("images-idx3", "train"), find("labels-idx1", "train")
     if ti is None or tl is None:
         raise UserError(f"{p}: MNIST-style data needs train-images-idx3-ubyte.gz and "
                         "train-labels-idx1-ubyte.gz")
-    x, y = read_idx(ti)[:, None].astype(np.float32) / 255.0, read_idx(tl).astype(np.int64)
+    x, y = pair(ti, tl)
     xv = yv = None
     vi, vl = find("images-idx3", "t10k"), find("labels-idx1", "t10k")
     if vi is not None and vl is not None:
-        xv, yv = read_idx(vi)[:, None].astype(np.float32) / 255.0, read_idx(vl).astype(np.int64)
+        xv, yv = pair(vi, vl)
     data = _finish(x, y, xv, yv, ti, "idx", seed, task, val_fraction, tabular=False)
+    if (vi is None) != (vl is None):  # half a test split cannot validate: say it was not used
+        data.notes.append(f"ignored {(vi or vl).name}: no t10k "
+                          f"{'labels' if vl is None else 'images'} file beside it")
     if xv is not None:
         data.split = "given (t10k files as validation)"
     return data
@@ -332,10 +365,12 @@ def _load_image_folder(p, subdirs, seed, task, val_fraction) -> FitData:
     classes = sorted(d.name for d in subdirs if d.name not in empty)
     items = []
     for ci, c in enumerate(classes):
-        imgs = sorted(f for f in (p / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-        items += [(f, ci) for f in imgs]
+        items += [(f, ci) for f in _image_files(p / c)]
     if not items:
         raise UserError(f"{p}: image folder has class sub-folders but no PNG/JPEG files")
+    if len(classes) < 2:
+        raise UserError(f"{p}: only one class sub-folder with images ({classes[0]}); "
+                        "classification needs at least 2")
     arrs, size = [], None
     for f, _ in items:
         try:
@@ -388,7 +423,8 @@ def _labels(y: np.ndarray, where, task: str | None) -> tuple[np.ndarray, str]:
                 raise UserError(f"{where}: non-numeric target {bad!r} in a regression task") from None
             return np.array(strs, dtype=object), "classification"
         integral = all(_is_int(s) for s in strs)
-        y = vals
+        # integer labels as integers: through float64, IDs above 2**53 would merge into one class
+        y = np.array([int(s) for s in strs]) if integral else vals
         inferred = "classification" if integral else "regression"
     elif y.dtype.kind in "iub":
         inferred = "classification"
@@ -470,6 +506,7 @@ def _finish(x, y, xv, yv, where, fmt, seed, task, val_fraction, *, tabular,
 
     classes = None
     n_classes = None
+    notes: list[str] = []
     if task == "classification":
         if y.ndim != 1:
             raise UserError(f"{where}: classification targets must be 1-D labels, got shape "
@@ -494,7 +531,16 @@ def _finish(x, y, xv, yv, where, fmt, seed, task, val_fraction, *, tabular,
             n_classes = len(classes)
         else:
             n_classes = int(both.max()) + 1
+        if n_classes < 2:  # nothing to learn: every loss would be 0 and every optimizer "win"
+            raise UserError(f"{where}: all targets are one class "
+                            f"({classes[0] if classes else 0!r}); classification needs at least 2")
         y = y.astype(np.int64)
+        if yv is not None:  # a class the model never trains on caps the validation accuracy
+            unseen = sorted(set(yv.tolist()) - set(y.tolist()))
+            if unseen:
+                names = [classes[i] if classes else i for i in unseen]
+                notes.append(f"classes only in the validation data (never trained on): "
+                             f"{', '.join(str(c) for c in names)}")
     else:
         y = y.astype(np.float64)
 
@@ -513,7 +559,6 @@ def _finish(x, y, xv, yv, where, fmt, seed, task, val_fraction, *, tabular,
         split = f"random {round(100 * (1 - val_fraction))}/{round(100 * val_fraction)}, seed {seed}"
 
     mean = std = None
-    notes = []
     if fmt in ("npz", "npy") and not tabular:
         # arrays of images: 8-bit ones are scaled like image files; others are used as given
         if x.dtype == np.uint8 and xv.dtype == np.uint8:

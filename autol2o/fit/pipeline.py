@@ -229,6 +229,9 @@ class FitRun:
         self._save_state()
         try:
             with _graceful_sigint():
+                if self.cfg.storage:  # a shared study that does not fit fails now, not after the race
+                    for kind in self.cfg.baselines:
+                        self._study(kind)
                 rule, rule_name = self._race()
                 rule, rule_name = self._fine_tune(rule, rule_name)
                 for kind in self.cfg.baselines:
@@ -390,9 +393,19 @@ class FitRun:
             if self._storage is None:
                 self._storage = make_storage(self.storage_url)
             storage = self._storage
+            d = self.p.data
+            # what makes trials comparable: a study of this name made for another problem (model,
+            # data, budget) is refused, or its trials would count, and its best config be used,
+            # here (the seed is left out: workers sharing a study may use different ones)
+            signature = {"kind": kind, "steps": self.cfg.steps, "batch_size": self.cfg.batch_size,
+                         "eval_every": self.eval_every, "model": self.p.model.name,
+                         "n_params": self.p.n_params, "task": self.p.task,
+                         "n_train": len(d.x_train), "n_val": len(d.x_val),
+                         "input_shape": list(d.x_train.shape[1:])}
             self.studies[kind] = open_study(storage, f"{self.study_prefix}-{kind}", self.cfg.seed,
                                             shared=self.cfg.storage is not None,
-                                            warmup_steps=self.cfg.steps // 10)
+                                            warmup_steps=self.cfg.steps // 10,
+                                            signature=signature)
         return self.studies[kind]
 
     def _tune(self, kind: str) -> None:

@@ -232,15 +232,26 @@ class Problem:
         elif self.task == "regression" and self.model.loss_fn is None:
             if out.shape[0] != b or out[0].numel() != y[0].numel():
                 want = (b,) + tuple(y.shape[1:]) if y.ndim > 1 else f"({b},) or ({b}, 1)"
+                # class labels saved as floats (1.0, 2.0: pandas does so) read as regression
+                hint = ("; the targets are floats, so the task was taken as regression: if they "
+                        "are class labels, set task = \"classification\" in the model file"
+                        if self.model.task is None and y.ndim == 1 and out.ndim == 2
+                        and out.shape[1] > 1 else "")
                 raise UserError(f"{src}: model output shape {tuple(out.shape)} does not match "
-                                f"the targets: expected {want}")
+                                f"the regression targets: expected {want}{hint}")
         try:
             loss = self.loss_fn(out, y)
         except Exception as e:
             raise UserError(f"{src}: the loss failed on the model output of shape "
                             f"{tuple(out.shape)}: {_one_line(e)}") from e
         if not isinstance(loss, Tensor) or loss.numel() != 1:
-            raise UserError(f"{src}: loss_fn must return a scalar tensor")
+            raise UserError(f"{src}: loss_fn must return a scalar tensor, got "
+                            + (f"shape {tuple(loss.shape)}" if isinstance(loss, Tensor)
+                               else type(loss).__name__))
+        if not loss.requires_grad:  # .item(), float() or torch.tensor(...) cut the graph
+            raise UserError(f"{src}: the loss does not depend on the model's parameters (no "
+                            "gradient); compute it with torch operations on the output, without "
+                            ".item(), float() or .detach()")
         xb, yb = self.data.x_train[:batch_size or b], self.data.y_train[:batch_size or b]
         if len(xb) != b:  # e.g. a model hard-wired to 8 examples fails here, not mid-run
             try:

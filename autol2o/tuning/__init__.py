@@ -137,7 +137,7 @@ def make_storage(url: str, *, attempts: int = 6) -> optuna.storages.BaseStorage:
 
 
 def open_study(storage: Any, name: str, seed: int, *, shared: bool,
-               warmup_steps: int = 0) -> optuna.Study:
+               warmup_steps: int = 0, signature: dict[str, Any] | None = None) -> optuna.Study:
     """Create or load study ``name``; TPE seeded, MedianPruner.
 
     The pruner compares a trial's intermediate validation loss with the median of earlier
@@ -147,6 +147,10 @@ def open_study(storage: Any, name: str, seed: int, *, shared: bool,
     The sampler seed also mixes in the number of trials already stored, so a resumed study does
     not replay its first random configurations; for a shared storage it mixes in the process id
     as well, so two workers starting together do not draw the same configurations.
+
+    ``signature`` (JSON-able: step budget, model, data shape, ...) is stored with the study when
+    it is new; a study of the same name with another signature is refused, since its trials would
+    be counted, and its best configuration used, for a different problem.
     """
     if isinstance(storage, str):
         storage = make_storage(storage)
@@ -161,10 +165,37 @@ def open_study(storage: Any, name: str, seed: int, *, shared: bool,
                 raise UserError(f"{name}: cannot open Optuna study ({type(e).__name__}: "
                                 f"{' '.join(str(e).split())[:200]})") from e
             time.sleep(0.2 * (attempt + 1) + random.random() * 0.3)
+    # a study of that name made by another tool (or by hand) may maximise, or have several
+    # objectives: TPE would then chase the *worst* loss, or Trial.report would fail mid-run
+    if study.directions != [optuna.study.StudyDirection.MINIMIZE]:
+        dirs = ", ".join(d.name.lower() for d in study.directions)
+        raise UserError(f"{name}: an Optuna study of this name already exists in the storage "
+                        f"with direction {dirs}; autol2o minimises one validation loss "
+                        "(choose another --study)")
+    if signature is not None:
+        _check_signature(study, name, signature)
     s = seed * 1000 + n_before + (os.getpid() % 100000 * 7919 if shared else 0)
     study.sampler = optuna.samplers.TPESampler(seed=s % (2**31))
     study.pruner = optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=warmup_steps)
     return study
+
+
+SIGNATURE_ATTR = "autol2o_signature"
+
+
+def _check_signature(study: optuna.Study, name: str, signature: dict[str, Any]) -> None:
+    import json
+
+    sig = json.loads(json.dumps(signature))  # as the storage gives it back (tuples -> lists)
+    stored = study.user_attrs.get(SIGNATURE_ATTR)
+    if stored is None:
+        study.set_user_attr(SIGNATURE_ATTR, sig)
+        return
+    diff = sorted(k for k in set(stored) | set(sig) if stored.get(k) != sig.get(k))
+    if diff:
+        shown = "; ".join(f"{k}: {stored.get(k)!r} there, {sig.get(k)!r} here" for k in diff[:3])
+        raise UserError(f"{name}: this Optuna study was made for another problem ({shown}); "
+                        "its trials cannot be shared (choose another --study)")
 
 
 def counts_as_done(t: FrozenTrial) -> bool:
