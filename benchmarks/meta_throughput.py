@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from autol2o.meta import TrainConfig, build_task, meta_train
-from autol2o.meta.evaluate import loss_and_grad, run_seeds
+from autol2o.meta.evaluate import run_learned, run_seeds
 from autol2o.meta.tasks import generators
 from autol2o.optimizers import RNNprop
 
@@ -66,13 +66,7 @@ def eval_rate(task_name: str, batch: int, device: str, steps: int = 50) -> float
     theta0, plan = task.init_params(gens), task.make_plan(gens)
 
     def loop(n: int) -> None:
-        theta = theta0
-        state = rule.init_state(theta.numel(), device=theta.device, dtype=theta.dtype)
-        for t in range(n):
-            _, g = loss_and_grad(task.loss, theta, task.batch(plan, t))
-            with torch.no_grad():
-                update, state = rule(g.reshape(-1), state)
-                theta = theta + update.view_as(theta)
+        theta = run_learned(rule, task, theta0, plan, n)
         if theta.is_cuda:
             torch.cuda.synchronize()
 

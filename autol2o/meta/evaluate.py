@@ -89,6 +89,22 @@ def loss_and_grad(task_loss: Callable[[Tensor, object], Tensor], theta: Tensor,
     return loss.detach(), g
 
 
+def run_learned(rule: LearnedRule, task: Task, theta: Tensor, plan: object, steps: int,
+                curve: Tensor | None = None) -> Tensor:
+    """``steps`` updates of the instances ``theta`` (B, n) by ``rule`` from a fresh state, on the
+    minibatches of ``plan``; the training loss of step t goes to ``curve[t]`` (if given).  One
+    rule call serves all B instances: the rule is coordinatewise."""
+    state = rule.init_state(theta.numel(), device=theta.device, dtype=theta.dtype)
+    for t in range(steps):
+        loss, g = loss_and_grad(task.loss, theta, task.batch(plan, t))
+        with torch.no_grad():
+            update, state = rule(g.reshape(-1), state)
+            theta = theta + update.view_as(theta)
+        if curve is not None:
+            curve[t] = loss.cpu()
+    return theta
+
+
 def evaluate(optimizer: LearnedRule | OptimizerFactory, task: Task, steps: int = 100,
              runs: int = 20, seed: int = 0, *, max_batch: int = 32) -> EvalResult:
     """Run ``optimizer`` (a learned rule or a ``torch.optim`` factory, see :func:`baseline`) on
@@ -104,13 +120,7 @@ def evaluate(optimizer: LearnedRule | OptimizerFactory, task: Task, steps: int =
         plan = task.make_plan(gens)
         curve = torch.empty(steps, theta.shape[0])
         if isinstance(optimizer, LearnedRule):
-            state = optimizer.init_state(theta.numel(), device=theta.device, dtype=theta.dtype)
-            for t in range(steps):
-                loss, g = loss_and_grad(task.loss, theta, task.batch(plan, t))
-                with torch.no_grad():
-                    update, state = optimizer(g.reshape(-1), state)
-                    theta = theta + update.view_as(theta)
-                curve[t] = loss.cpu()
+            theta = run_learned(optimizer, task, theta, plan, steps, curve)
         else:
             theta = theta.clone().requires_grad_(True)
             opt = optimizer([theta])
