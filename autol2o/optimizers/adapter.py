@@ -108,8 +108,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                                                                               dtype=dtype))
         return cached[1]
 
-    def _update(self, items: list[_Item], sdtype: torch.dtype) -> None:
-        """One network call for ``items`` (parameter, group), then the parameter updates.
+    def _update(self, items: list[_Item], sdtype: torch.dtype, net: LearnedRule) -> None:
+        """One call of ``net`` for ``items`` (parameter, group), then the parameter updates.
 
         A single parameter's own state tensors are passed, and updated in place; for several,
         their state is concatenated for the call and copied back afterwards.
@@ -128,7 +128,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         else:
             step = torch.cat([s.to(device=device, dtype=sdtype).expand(p.numel())
                               for s, p in zip(steps, params)])
-        update, _ = self._net(device, sdtype)(grad, dict(flat, step=step))  # updates `flat`
+        update, _ = net(grad, dict(flat, step=step))  # updates `flat`
         sizes = [p.numel() for p in params]
         for (p, group), st, u, off in zip(items, states, update.split(sizes), _offsets(params)):
             if len(states) > 1:
@@ -162,10 +162,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     st["step"] = torch.zeros((), dtype=torch.float32)
                 buckets.setdefault((p.device, sdtype), []).append((p, group))
         for (device, sdtype), items in buckets.items():
+            net = self._net(device, sdtype)  # once per step: its version check is not free
             rows = self.rule.chunk_rows(device) or math.inf
             alone = _ALONE if device.type == "cpu" else _ALONE_GPU
             for batch in _batches(items, min(alone, rows), rows):
-                self._update(batch, sdtype)
+                self._update(batch, sdtype, net)
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
