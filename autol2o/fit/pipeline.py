@@ -50,6 +50,7 @@ from autol2o.tuning import (
     Diverged,
     best_trial,
     compute_spent,
+    counts_as_done,
     make_storage,
     n_done,
     open_study,
@@ -526,13 +527,15 @@ class FitRun:
             except UserError:
                 continue
             b = best_trial(study)
-            trials = [trial_record(t) for t in study.get_trials(deepcopy=False)]
+            frozen = study.get_trials(deepcopy=False)
+            trials = [trial_record(t) for t in frozen]
+            done = sum(counts_as_done(t) for t in frozen)
             tuning[kind] = {
                 "study": study.study_name, "storage": redact(self.storage_url),
                 # finished trials (what --trials counts); trials cut off by Ctrl-C or a
                 # crash stay in the study and are re-run on --resume: counted apart
-                "n_trials": n_done(study),
-                "n_unfinished": len(trials) - n_done(study),
+                "n_trials": done,
+                "n_unfinished": len(trials) - done,
                 "n_complete": sum(t["state"] == "COMPLETE" for t in trials),
                 "n_pruned": sum(t["state"] == "PRUNED" for t in trials),
                 "n_failed": sum(t["state"] == "FAIL" for t in trials),

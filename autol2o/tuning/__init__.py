@@ -14,6 +14,7 @@ storage alone, also when several processes share one study.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -184,8 +185,6 @@ SIGNATURE_ATTR = "autol2o_signature"
 
 
 def _check_signature(study: optuna.Study, name: str, signature: dict[str, Any]) -> None:
-    import json
-
     sig = json.loads(json.dumps(signature))  # as the storage gives it back (tuples -> lists)
     stored = study.user_attrs.get(SIGNATURE_ATTR)
     if stored is None:
