@@ -180,9 +180,9 @@ def test_fine_tune_counts_the_short_last_unroll(tmp_path, capsys, monkeypatch):
 
     real, taken = trainer._unroll, []
 
-    def count(run, rule, steps, meta_loss):
+    def count(run, rule, steps, config):
         taken.append(steps * len(run.seeds))
-        return real(run, rule, steps, meta_loss)
+        return real(run, rule, steps, config)
 
     monkeypatch.setattr(trainer, "_unroll", count)
     x, y = blobs()

@@ -284,6 +284,7 @@ def test_validation_across_tasks_is_a_geometric_mean(monkeypatch):
     ({"meta_lr": -1.0}, "--meta-lr must be a finite number > 0"),
     ({"meta_lr": math.nan}, "--meta-lr must be a finite number > 0"),
     ({"ema": 1.0}, "--ema must lie in [0, 1), got 1.0"),
+    ({"meta_batch_size": -1}, "--meta-batch-size must be >= 0, got -1"),
     ({"unroll": 50, "horizon": 10}, "--unroll 50 must be <= the horizon (10)"),
     ({"unroll": 50, "curriculum": ((0, 10), (2, 20))}, "--unroll 50 must be <= the horizon (20)"),
     ({"curriculum": ((0, 10), (0, 20))}, "two stages start at iteration 0"),
@@ -381,6 +382,7 @@ def test_launch_shares_the_checks_and_reports_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra", [
     ["--rule", "rnnprop"], ["--rule", "dm"], ["--rule", "rnnprop", "--no-convex"],
+    ["--rule", "rnnprop", "--meta-batch-size", "64"],
     ["--rule", "dm", "--convex", "--meta-lr", "0.01", "--iterations", "7"]])
 def test_launch_builds_the_config_zoo_train_builds(tmp_path, monkeypatch, extra):
     """The torchrun entry point defaults like ``zoo train`` (the rule's paper recipe: tricks
@@ -439,3 +441,40 @@ def test_log_loss_meta_objective_is_the_log_of_the_plain_one():
         hist[log] = meta_train(_rule(), task, cfg, progress=False).history[0]["meta_loss"]
     # same run, same first segment: only the objective's scale differs
     assert hist[True] == pytest.approx(math.log(hist[False]), rel=1e-5)
+
+
+@pytest.mark.parametrize("meta_loss", ["last", "mean"])
+def test_meta_batch_scores_the_meta_loss_on_its_own_batch_and_trains_on_the_minibatches(meta_loss):
+    """With ``meta_batch_size`` the optimizee follows exactly the trajectory it follows without
+    (it still trains on its minibatches); only the scored loss moves to a separate, larger batch
+    of the training split: f(theta_t; meta batch t) at the scored steps."""
+    task = build_task("mlp-digits")
+    plain, scored = (TrainConfig(batch=2, random_scaling=3.0, convex_combination=True,
+                                 meta_batch_size=n) for n in (0, 256))
+    rule, seeds = _rule(), [11, 22]
+    runs = {n: _Run([task], rule, cfg, 0, seeds, horizon=10) for n, cfg in ((0, plain), (256, scored))}
+    thetas, losses = {}, {}
+    for n, run in runs.items():
+        losses[n] = run.unroll(rule, 4, meta_loss, n)
+        thetas[n] = run.theta
+    assert torch.equal(thetas[0], thetas[256])  # same updates, same minibatches
+    run = runs[256]
+    x, y = task.meta_batch(run.plan, 4, 256)
+    assert x.shape[:2] == (2, 256) and not torch.equal(x[:, :128], task.batch(run.plan, 4)[0])
+    if meta_loss == "last":
+        expect = run.objective.loss(thetas[256], (x, y))
+        assert torch.allclose(losses[256].detach(), expect, rtol=1e-6)
+    assert not torch.allclose(losses[0].detach(), losses[256].detach())
+    # drawn from the instance seeds: the same batch every time (resume, other optimizers)
+    assert torch.equal(task.meta_batch(run.plan, 4, 256)[0], x)
+
+
+def test_meta_batch_drawn_for_every_kind_of_sampled_data():
+    for name in ("mlp-digits", "digits-cnn1", "sin-lstm"):
+        task = build_task(name)
+        plan = task.make_plan([torch.Generator().manual_seed(5)])
+        x, y = task.meta_batch(plan, 3, 300)
+        assert x.shape[:2] == (1, 300) and y.shape[:2] == (1, 300), name
+    quad = build_task("quadratic")
+    plan = quad.make_plan([torch.Generator().manual_seed(5)])
+    assert quad.meta_batch(plan, 3, 300) is quad.batch(plan, 3)  # one fixed problem

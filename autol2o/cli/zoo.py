@@ -150,6 +150,10 @@ def train_cmd(
     convex: Annotated[bool | None, typer.Option(
         "--convex/--no-convex",
         help="Add the random convex term (default: on for rnnprop, off for dm).")] = None,
+    meta_batch_size: Annotated[int, typer.Option(
+        "--meta-batch-size",
+        help="Score the meta-loss on a separate batch of this many examples (0: the step's own "
+             "minibatch, as in the paper; e.g. 2048 cuts meta-gradient noise).")] = 0,
     log_loss: Annotated[bool, typer.Option(
         "--log-loss/--no-log-loss",
         help="Meta-train on log(loss), so tasks on different loss scales weigh alike.")] = False,
@@ -198,7 +202,7 @@ def train_cmd(
         horizon=stages[0][1] if stages else horizon, unroll=unroll, iterations=iterations,
         meta_lr=meta_lr, lr_schedule=lr_schedule, warmup=warmup, ema=ema, batch=batch,
         seed=seed, curriculum=tuple(stages),
-        meta_loss=recipe["meta_loss"], log_loss=log_loss,
+        meta_loss=recipe["meta_loss"], log_loss=log_loss, meta_batch_size=meta_batch_size,
         random_scaling=recipe["random_scaling"] if random_scaling is None else
         (3.0 if random_scaling else 0.0),
         convex_combination=recipe["convex_combination"] if convex is None else convex,
@@ -215,6 +219,7 @@ def train_cmd(
             "--random-scaling" if config.random_scaling else "--no-random-scaling",
             "--convex" if config.convex_combination else "--no-convex",
             *(["--log-loss"] if log_loss else []),
+            *(["--meta-batch-size", meta_batch_size] if meta_batch_size else []),
             "--validate-every", validate_every, "--val-runs", val_runs,
             *(["--data-dir", data_dir] if data_dir else []),
             "--seed", seed, "--out", out]

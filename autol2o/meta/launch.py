@@ -56,6 +56,7 @@ def canonical_command(rule: str, tasks: list[str], config: TrainConfig, options:
             "--random-scaling", c.random_scaling,
             "--convex" if c.convex_combination else "--no-convex",
             "--meta-loss", c.meta_loss, *(["--log-loss"] if c.log_loss else []),
+            *(["--meta-batch-size", c.meta_batch_size] if c.meta_batch_size else []),
             "--validate-every", c.validate_every, "--val-runs", c.val_runs,
             *(["--data-dir", data_dir] if data_dir else []), "--seed", c.seed, "--out", out]
     return (f"torchrun --nproc_per_node {world} -m autol2o.meta.launch "
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, typ in (("horizon", int), ("unroll", int), ("iterations", int), ("batch", int),
                       ("meta-lr", float), ("random-scaling", float), ("seed", int),
                       ("validate-every", int), ("val-runs", int), ("checkpoint-every", int),
-                      ("warmup", int), ("lr-schedule", str), ("ema", float)):
+                      ("warmup", int), ("lr-schedule", str), ("ema", float),
+                      ("meta-batch-size", int)):
         p.add_argument(f"--{name}", type=typ)
     p.add_argument("--meta-loss", choices=["last", "mean"])
     p.add_argument("--convex", action=argparse.BooleanOptionalAction, default=None)
@@ -107,7 +109,7 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     kw = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in
           ("horizon", "unroll", "iterations", "batch", "meta-lr", "random-scaling", "seed",
            "validate-every", "val-runs", "checkpoint-every", "warmup", "lr-schedule",
-           "meta-loss", "ema")}
+           "meta-loss", "ema", "meta-batch-size")}
     # what is not given defaults as in ``autol2o zoo train`` (the rule's paper recipe: tricks on
     # for RNNprop, the mean meta-loss for DM), so that a torchrun job trains what zoo train would
     given = {k: v for k, v in kw.items() if v is not None}

@@ -95,6 +95,12 @@ class Task:
     def batch(self, plan: Any, t: int) -> Any:
         raise NotImplementedError
 
+    def meta_batch(self, plan: Any, t: int, size: int) -> Any:
+        """A batch of ``size`` examples at step t, drawn apart from the training minibatches, that
+        the meta-trainer scores its meta-loss on (``TrainConfig.meta_batch_size``).  Default: the
+        step's own minibatch (tasks without sampled data: the quadratic)."""
+        return self.batch(plan, t)
+
     def loss(self, theta: Tensor, batch: Any) -> Tensor:
         raise NotImplementedError
 
@@ -122,11 +128,10 @@ class _DatasetTask(Task):
         self.batch_size = min(batch_size, x.shape[0])
 
     def batch(self, plan: list[int], t: int) -> tuple[Tensor, Tensor]:
-        n = self.x.shape[0]
-        idx = torch.stack([torch.randint(0, n, (self.batch_size,),
-                                         generator=torch.Generator().manual_seed(mix_seed(s, t)))
-                           for s in plan]).to(self.device)
-        return self.x[idx], self.y[idx]
+        return _draw(self.x, self.y, plan, t, self.batch_size, self.device)
+
+    def meta_batch(self, plan: list[int], t: int, size: int) -> tuple[Tensor, Tensor]:
+        return _draw(self.x, self.y, plan, t, size, self.device, META_STREAM)
 
     def to(self, device):
         super().to(device)
@@ -140,6 +145,21 @@ class _DatasetTask(Task):
     def loss(self, theta: Tensor, batch: tuple[Tensor, Tensor]) -> Tensor:
         x, y = batch
         return _batched_xent(self.logits(theta, x), y)
+
+
+#: key of the random stream meta-loss batches are drawn from, apart from the minibatches'
+META_STREAM = 0x4D42
+
+
+def _draw(x: Tensor, y: Tensor, plan: list[int], t: int, size: int, device,
+          *stream: int) -> tuple[Tensor, Tensor]:
+    """``size`` examples per instance, drawn with replacement from seed (instance seed, t,
+    *stream): the same for every optimizer compared and after a resume."""
+    n = x.shape[0]
+    idx = torch.stack([torch.randint(0, n, (size,),
+                                     generator=torch.Generator().manual_seed(mix_seed(s, t, *stream)))
+                       for s in plan]).to(device)
+    return x[idx], y[idx]
 
 
 def _normal_init(gens, layout: Layout, std: float | None, device) -> Tensor:
@@ -310,13 +330,19 @@ class SinLSTMTask(Task):
         return _normal_init(gens, self.layout, self.init_std, self.device)
 
     def batch(self, plan: list[int], t: int) -> tuple[Tensor, Tensor]:
+        return self._waves(plan, t, self.batch_size)
+
+    def meta_batch(self, plan: list[int], t: int, size: int) -> tuple[Tensor, Tensor]:
+        return self._waves(plan, t, size, META_STREAM)
+
+    def _waves(self, plan: list[int], t: int, size: int, *stream: int) -> tuple[Tensor, Tensor]:
         xs, ys = [], []
         k = torch.arange(self.seq_len + 1, dtype=torch.float32)
         for s in plan:
-            g = torch.Generator().manual_seed(mix_seed(s, t))
-            amp, w, phi = torch.rand(3, self.batch_size, 1, generator=g).unbind(0)
+            g = torch.Generator().manual_seed(mix_seed(s, t, *stream))
+            amp, w, phi = torch.rand(3, size, 1, generator=g).unbind(0)
             wave = amp * self.amp_max * torch.sin(k * w * self.freq_max + phi * 2 * math.pi)
-            noise = torch.randn(self.batch_size, self.seq_len, generator=g) * self.noise
+            noise = torch.randn(size, self.seq_len, generator=g) * self.noise
             xs.append(wave[:, :-1] + noise)
             ys.append(wave[:, -1])
         return torch.stack(xs).to(self.device), torch.stack(ys).to(self.device)
@@ -438,11 +464,10 @@ class ModuleTask(Task):
         return torch.stack(rows).to(self.device)
 
     def batch(self, plan, t):
-        n = self.x.shape[0]
-        idx = torch.stack([torch.randint(0, n, (self.batch_size,),
-                                         generator=torch.Generator().manual_seed(mix_seed(s, t)))
-                           for s in plan]).to(self.device)
-        return self.x[idx], self.y[idx]
+        return _draw(self.x, self.y, plan, t, self.batch_size, self.device)
+
+    def meta_batch(self, plan, t, size):
+        return _draw(self.x, self.y, plan, t, size, self.device, META_STREAM)
 
     def _single(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         buffers = dict(self.model.named_buffers())

@@ -86,6 +86,14 @@ class TrainConfig:
     ema: float = 0.0
     batch: int = 8                #: optimizee instances per run (B), served by one rule call
     meta_loss: str = "last"       #: "last" (RNNprop) or "mean" (DMoptimizer)
+    #: examples the meta-loss is scored on, drawn apart from the training minibatches (0: the
+    #: step's own minibatch, as in both papers).  With second derivatives dropped the
+    #: meta-gradient is d f / d theta_T at the scored step pushed back through the updates, so
+    #: scoring on a 128-example minibatch feeds its sampling noise straight into the
+    #: meta-gradient; a large batch (e.g. 2048) removes most of it for one extra
+    #: forward/backward of the optimizee per scored step.  The optimizee still trains on its
+    #: minibatches.  Tasks without sampled data (the quadratic) ignore it
+    meta_batch_size: int = 0
     #: meta-train on log(loss) instead of the loss: with several tasks, one whose loss is 50x
     #: larger (an MLP's cross-entropy beside a regression's MSE) otherwise dominates the
     #: meta-gradient; on the log scale every task's *relative* progress weighs the same
@@ -115,7 +123,7 @@ class TrainConfig:
             raise UserError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         for name, low in (("horizon", 1), ("unroll", 1), ("iterations", 1), ("batch", 1),
                           ("val_runs", 1), ("warmup", 0), ("validate_every", 0),
-                          ("checkpoint_every", 0)):
+                          ("checkpoint_every", 0), ("meta_batch_size", 0)):
             if getattr(self, name) < low:
                 raise UserError(f"--{name.replace('_', '-')} must be >= {low}, "
                                 f"got {getattr(self, name)}")
@@ -282,9 +290,12 @@ class _Run:
     def done(self) -> bool:
         return self.t >= self.horizon
 
-    def unroll(self, rule: LearnedRule, steps: int, meta_loss: str) -> Tensor:
+    def unroll(self, rule: LearnedRule, steps: int, meta_loss: str,
+               meta_batch_size: int = 0) -> Tensor:
         """Advance ``steps`` optimizee steps with a graph to the meta-weights; return the
-        per-instance meta-loss ``(B,)``.  The run's tensors are left detached."""
+        per-instance meta-loss ``(B,)``, scored on the step's minibatch or, with
+        ``meta_batch_size``, on a separate batch of that many examples.  The run's tensors are
+        left detached."""
         theta, state, grad = self.theta, self.state, self.grad
         terms = []
         for i in range(steps):
@@ -296,12 +307,14 @@ class _Run:
                 loss = self.objective.loss(theta, batch)
                 # d loss / d theta only (not through the rule): the gradient fed to the rule
                 (grad,) = torch.autograd.grad(loss.sum(), theta, retain_graph=True)
-                terms.append(loss)
+                terms.append(self.objective.loss(
+                    theta, self.task.meta_batch(self.plan, self.t, meta_batch_size))
+                    if meta_batch_size else loss)
             else:
                 loss, grad = loss_and_grad(self.objective.loss, theta, batch)
         self.theta = theta.detach()
         self.state = {k: v.detach() for k, v in state.items()}
-        self.grad, self.loss = grad.detach(), terms[-1].detach()
+        self.grad, self.loss = grad.detach(), loss.detach()
         return terms[-1] if meta_loss == "last" else torch.stack(terms).mean(0)
 
 
@@ -473,7 +486,7 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
             steps, horizon = min(config.unroll, run.horizon - run.t), run.horizon
             meta_opt.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                per_instance = _unroll(run, rule, steps, config.meta_loss)
+                per_instance = _unroll(run, rule, steps, config)
                 if config.log_loss:
                     per_instance = per_instance.clamp_min(1e-30).log()
                 meta_loss = per_instance.mean()
@@ -623,9 +636,9 @@ def _check_resume(ck: dict[str, Any], path: Path, config: TrainConfig, ident: di
                         f"process(es), this run has {world}")
 
 
-def _unroll(run: _Run, rule: LearnedRule, steps: int, meta_loss: str) -> Tensor:
+def _unroll(run: _Run, rule: LearnedRule, steps: int, config: TrainConfig) -> Tensor:
     """One truncated-BPTT segment (a module-level hook so tests can simulate a kill)."""
-    return run.unroll(rule, steps, meta_loss)
+    return run.unroll(rule, steps, config.meta_loss, config.meta_batch_size)
 
 
 class _LogLines:
