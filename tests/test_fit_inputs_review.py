@@ -201,3 +201,89 @@ def test_fit_refuses_a_shared_study_made_for_another_budget_before_the_race(tmp_
                                 "shared (choose another --study)")
     state = json.loads((tmp_path / "b" / "state.json").read_text())
     assert state["status"] == "failed" and "race" not in state["phases"]
+
+
+# -- split layouts: torchvision's train/<class>/ + val/<class>/, Keras' x_train/y_train ---------
+def test_split_image_folders_match_classes_by_name(tmp_path):
+    root = tmp_path / "data"
+    write_images(root / "train", n_per_class=4, classes=("a", "b", "c"))
+    # val has no 'a' but a 'd' nobody trains on: indices follow the names, not the positions
+    write_images(root / "val", n_per_class=2, classes=("b", "c", "d"))
+    (root / "test" / "a").mkdir(parents=True)
+    d = load_data(root)
+    assert (len(d.x_train), len(d.x_val), d.split) == (12, 6, "given")
+    assert d.classes == ["a", "b", "c", "d"] and d.n_classes == 4
+    assert d.y_val.tolist() == [1, 1, 2, 2, 3, 3]
+    # write_images draws class i's pixels from [60 i, 60 i + 60): val/b is its own position 0,
+    # so its pixels prove the folder was read under its name
+    b_val = (d.x_val[d.y_val == 1] * 255).round()
+    assert b_val.min() >= 0 and b_val.max() < 60
+    assert any("classes only in val/ (never trained on): d" in n for n in d.notes)
+    assert any(n.startswith("test/ found: not used") for n in d.notes)
+    assert d.source == str(root) and d.format == "images"
+
+
+def test_split_image_folders_without_val_are_split_and_bad_layouts_refused(tmp_path):
+    root = tmp_path / "data"
+    write_images(root / "train", n_per_class=5, classes=("a", "b"))
+    d = load_data(root)
+    assert len(d.x_train) + len(d.x_val) == 10 and d.split.startswith("random 80/20")
+    write_images(root / "valid", n_per_class=1, classes=("a", "b"))
+    write_images(root / "val", n_per_class=1, classes=("a", "b"))
+    with pytest.raises(UserError, match=r"several validation folders \(val, valid\)"):
+        load_data(root)
+    import shutil
+
+    from PIL import Image
+
+    shutil.rmtree(root / "valid")
+    Image.new("L", (9, 9)).save(root / "val" / "b" / "big.png")
+    with pytest.raises(UserError, match=r"val/b/big.png: image size 9x9 differs from 6x6"):
+        load_data(root)
+
+
+def test_a_class_named_train_is_a_class_not_a_split(tmp_path):
+    root = write_images(tmp_path / "img", n_per_class=3, classes=("train", "val"))
+    d = load_data(root)
+    assert d.classes == ["train", "val"] and len(d.x_train) + len(d.x_val) == 6
+    assert d.split.startswith("random")
+
+
+def test_keras_style_array_names(tmp_path):
+    x, y = blobs(50)
+    (tmp_path / "k").mkdir()
+    np.savez(tmp_path / "k" / "mnist.npz", x_train=x[:40], y_train=y[:40], x_test=x[40:],
+             y_test=y[40:])
+    d = load_data(tmp_path / "k")
+    # the test split is never used for selection: 40 rows split 80/20, test noted
+    assert (len(d.x_train), len(d.x_val)) == (32, 8) and d.split.startswith("random")
+    assert any("x_test, y_test in mnist.npz found: not used" in n for n in d.notes)
+    d = load_data(tmp_path / "k" / "mnist.npz")  # the file itself, too
+    assert len(d.x_train) == 32 and any("x_test" in n for n in d.notes)
+    np.savez(tmp_path / "k" / "mnist.npz", X_train=x[:40], y_train=y[:40], X_val=x[40:],
+             y_val=y[40:])
+    d = load_data(tmp_path / "k")
+    assert (len(d.x_train), len(d.x_val), d.split) == (40, 10, "given")
+    np.savez(tmp_path / "k" / "mnist.npz", X_train=x, y=y)  # half of each pair
+    with pytest.raises(UserError, match=r"mnist.npz: expected arrays 'X' and 'y' \(or 'X_train' "
+                                        r"and 'y_train'\), found X_train, y"):
+        load_data(tmp_path / "k")
+    (tmp_path / "n").mkdir()
+    np.save(tmp_path / "n" / "x_train.npy", x)
+    np.save(tmp_path / "n" / "y_train.npy", y)
+    np.save(tmp_path / "n" / "x_test.npy", x[:3])
+    d = load_data(tmp_path / "n")
+    assert len(d.x_train) + len(d.x_val) == 50 and any("x_test.npy" in n for n in d.notes)
+
+
+def test_fit_runs_on_split_image_folders(tmp_path, capsys):
+    write_images(tmp_path / "d" / "train", n_per_class=6, size=6)
+    write_images(tmp_path / "d" / "val", n_per_class=2, size=6)
+    model = write_model(tmp_path, d=36)
+    code, _, err = run_cli(["fit", model, tmp_path / "d", *FAST, "--baselines", "sgd",
+                            "--out", tmp_path / "run"], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "run" / "report.json").read_text())
+    data = r["inputs"]["data"]
+    assert (data["format"], data["n_train"], data["n_val"], data["split"]) == ("images", 18, 6,
+                                                                               "given")

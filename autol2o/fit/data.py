@@ -116,13 +116,16 @@ def load_data(path: str | Path | None, *, target: str | None = None, seed: int =
         data = _load_npy_dir(p, names, seed, task, val_fraction)
     elif any("idx" in f.name and (f.name.endswith(".gz") or "ubyte" in f.name) for f in files):
         data = _load_idx_dir(p, files, seed, task, val_fraction)
+    elif _split_image_root(p) is not None:
+        data = _load_split_image_folders(p, seed, task, val_fraction)
     elif any(d.is_dir() and _images_in(d) for d in files):
         data = _load_image_folder(p, [f for f in files if f.is_dir()], seed, task, val_fraction)
     elif any(f.suffix == ".csv" for f in files):
         data = _load_csv_dir(p, files, target, seed, task, val_fraction)
     else:
         raise UserError(f"{p}: unknown data format (expected train.csv, .npz, X.npy/y.npy, "
-                        "MNIST idx .gz files or one image sub-folder per class)")
+                        "MNIST idx .gz files, one image sub-folder per class, or train/ and val/ "
+                        "folders of those)")
     if target is not None and data.format != "csv":
         raise UserError(f"{p}: --target applies to CSV data only ({data.format} data found)")
     if data.format != "csv":
@@ -153,7 +156,9 @@ def _load_file(p: Path, target, seed, task, val_fraction) -> FitData:
         arrays = _read_npz(p)
         x, y = _xy(arrays, p)
         xv, yv = _xy(arrays, p, suffix="_val") if _has_val(arrays) else (None, None)
-        return _finish(x, y, xv, yv, p, "npz", seed, task, val_fraction, tabular=x.ndim == 2)
+        data = _finish(x, y, xv, yv, p, "npz", seed, task, val_fraction, tabular=x.ndim == 2)
+        data.notes += _test_note(arrays, p.name)
+        return data
     if p.stat().st_size == 0:
         raise UserError(f"{p}: data file is empty")
     raise UserError(f"{p}: unknown data format {p.suffix or '(no suffix)'!r} "
@@ -236,19 +241,38 @@ def _read_npy(p: Path) -> np.ndarray:
         raise UserError(f"{p}: not a valid NPY file ({type(e).__name__})") from None
 
 
+#: names of the training arrays, in order of preference: ``X``/``y``, or Keras' and many
+#: tutorials' ``x_train``/``y_train`` (either case)
+TRAIN_SUFFIXES = ("", "_train")
+
+
 def _xy(arrays: dict[str, np.ndarray], p: Path, suffix: str = "") -> tuple[np.ndarray, np.ndarray]:
-    xs = [k for k in (f"X{suffix}", f"x{suffix}") if k in arrays]
-    ys = [k for k in (f"y{suffix}", f"Y{suffix}") if k in arrays]
-    if not xs or not ys:
-        raise UserError(f"{p}: expected arrays 'X{suffix}' and 'y{suffix}', found "
-                        f"{', '.join(sorted(arrays)) or 'none'}")
-    return arrays[xs[0]], arrays[ys[0]]
+    """The (X, y) pair named with ``suffix``; for the training pair (no suffix) ``X_train`` and
+    ``y_train`` also count, when there is no plain ``X``/``y``."""
+    for suf in TRAIN_SUFFIXES if suffix == "" else (suffix,):
+        xs = [k for k in (f"X{suf}", f"x{suf}") if k in arrays]
+        ys = [k for k in (f"y{suf}", f"Y{suf}") if k in arrays]
+        if xs and ys:
+            return arrays[xs[0]], arrays[ys[0]]
+        if xs or ys:  # half a pair: not silently replaced by another pair or a split
+            break
+    want = "'X' and 'y' (or 'X_train' and 'y_train')" if suffix == "" else \
+        f"'X{suffix}' and 'y{suffix}'"
+    raise UserError(f"{p}: expected arrays {want}, found {', '.join(sorted(arrays)) or 'none'}")
 
 
 def _has_val(arrays) -> bool:
     """Does an NPZ hold a validation split?  Any of its arrays (either case) counts, so a lone
     ``X_val`` is an error from :func:`_xy` rather than silently replaced by a random split."""
     return any(k in arrays for k in ("X_val", "x_val", "y_val", "Y_val"))
+
+
+def _test_note(names, where: str) -> list[str]:
+    """A test split is never used: model selection sees the validation split only, and using the
+    test data for it would leave nothing unbiased to report on."""
+    found = sorted(n for n in names if n.split(".")[0].lower() in ("x_test", "y_test"))
+    return [f"{', '.join(found)} in {where} found: not used (selection uses the validation split "
+            "only)"] if found else []
 
 
 def _load_csv_dir(p, files, target, seed, task, val_fraction) -> FitData:
@@ -294,23 +318,31 @@ def _load_npz_dir(p, files, seed, task, val_fraction) -> FitData:
         xv, yv = _xy(_read_npz(npz["val.npz"]), npz["val.npz"])
     elif _has_val(arrays):
         xv, yv = _xy(arrays, train, suffix="_val")
-    return _finish(x, y, xv, yv, train, "npz", seed, task, val_fraction, tabular=x.ndim == 2)
+    data = _finish(x, y, xv, yv, train, "npz", seed, task, val_fraction, tabular=x.ndim == 2)
+    data.notes += _test_note(arrays, train.name)
+    return data
 
 
 def _load_npy_dir(p, names, seed, task, val_fraction) -> FitData:
-    xn = next((n for n in ("X.npy", "x.npy") if n in names), None)
-    yn = next((n for n in ("y.npy", "Y.npy") if n in names), None)
+    def pick(*options: str) -> str | None:
+        return next((n for n in options if n in names), None)
+
+    xn, yn = pick("X.npy", "x.npy"), pick("y.npy", "Y.npy")
+    if xn is None and yn is None:  # x_train.npy / y_train.npy, as Keras-style dumps name them
+        xn, yn = pick("X_train.npy", "x_train.npy"), pick("y_train.npy", "Y_train.npy")
     if xn is None or yn is None:
-        raise UserError(f"{p}: .npy data needs X.npy and y.npy (found {', '.join(sorted(names))})")
+        raise UserError(f"{p}: .npy data needs X.npy and y.npy (or X_train.npy and y_train.npy; "
+                        f"found {', '.join(sorted(names))})")
     x, y = _read_npy(p / xn), _read_npy(p / yn)
     xv = yv = None
-    xvn = next((n for n in ("X_val.npy", "x_val.npy") if n in names), None)
-    yvn = next((n for n in ("y_val.npy", "Y_val.npy") if n in names), None)
+    xvn, yvn = pick("X_val.npy", "x_val.npy"), pick("y_val.npy", "Y_val.npy")
     if (xvn is None) != (yvn is None):  # half a validation split: not silently re-split
         raise UserError(f"{p}: found {xvn or yvn} but not {'y_val.npy' if yvn is None else 'X_val.npy'}")
     if xvn is not None:
         xv, yv = _read_npy(p / xvn), _read_npy(p / yvn)
-    return _finish(x, y, xv, yv, p / xn, "npy", seed, task, val_fraction, tabular=x.ndim == 2)
+    data = _finish(x, y, xv, yv, p / xn, "npy", seed, task, val_fraction, tabular=x.ndim == 2)
+    data.notes += _test_note(names, p.name)
+    return data
 
 
 def _load_idx_dir(p, files, seed, task, val_fraction) -> FitData:
@@ -358,40 +390,112 @@ def _image_array(im) -> np.ndarray:
     return a[None]
 
 
-def _load_image_folder(p, subdirs, seed, task, val_fraction) -> FitData:
+def _class_folders(root: Path) -> tuple[list[str], list[str]]:
+    """(classes, empty): the sub-folders of ``root`` with and without images, sorted."""
+    subdirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    empty = sorted(d.name for d in subdirs if not _images_in(d))
+    return sorted(d.name for d in subdirs if d.name not in empty), empty
+
+
+def _read_images(root: Path, classes: list[str], index: dict[str, int],
+                 size: tuple[int, int] | None) -> tuple[list[np.ndarray], list[int], tuple]:
+    """Every image of ``root/<class>/`` as an array, its class index, and the common size (the
+    first image's, or ``size`` when given: validation images must match the training ones)."""
     from PIL import Image, UnidentifiedImageError
 
-    empty = sorted(d.name for d in subdirs if not _images_in(d))
-    classes = sorted(d.name for d in subdirs if d.name not in empty)
-    items = []
-    for ci, c in enumerate(classes):
-        items += [(f, ci) for f in _image_files(p / c)]
-    if not items:
+    arrs, labels = [], []
+    for c in classes:
+        for f in _image_files(root / c):
+            try:
+                with Image.open(f) as im:
+                    if size is None:
+                        size = im.size
+                    if im.size != size:
+                        raise UserError(f"{f}: image size {im.size[0]}x{im.size[1]} differs from "
+                                        f"{size[0]}x{size[1]} of the first image")
+                    arrs.append(_image_array(im))
+            except (UnidentifiedImageError, OSError) as e:
+                raise UserError(f"{f}: cannot read image ({type(e).__name__})") from None
+            labels.append(index[c])
+    return arrs, labels, size
+
+
+def _stack_images(arrs: list[np.ndarray], rgb: bool) -> np.ndarray:
+    # a mixed folder: grey images as RGB, like PIL does
+    return np.stack([np.repeat(a, 3, axis=0) if rgb and a.shape[0] == 1 else a for a in arrs])
+
+
+def _load_image_folder(p, subdirs, seed, task, val_fraction) -> FitData:
+    classes, empty = _class_folders(p)
+    if not classes:
         raise UserError(f"{p}: image folder has class sub-folders but no PNG/JPEG files")
     if len(classes) < 2:
         raise UserError(f"{p}: only one class sub-folder with images ({classes[0]}); "
                         "classification needs at least 2")
-    arrs, size = [], None
-    for f, _ in items:
-        try:
-            with Image.open(f) as im:
-                if size is None:
-                    size = im.size
-                if im.size != size:
-                    raise UserError(f"{f}: image size {im.size[0]}x{im.size[1]} differs from "
-                                    f"{size[0]}x{size[1]} of the first image")
-                arrs.append(_image_array(im))
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"{f}: cannot read image ({type(e).__name__})") from None
-    if any(a.shape[0] == 3 for a in arrs):  # a mixed folder: grey images as RGB, like PIL does
-        arrs = [np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a for a in arrs]
-    x = np.stack(arrs)
-    y = np.array([ci for _, ci in items], dtype=np.int64)
-    data = _finish(x, y, None, None, p, "images", seed, task or "classification", val_fraction,
-                   tabular=False)
+    arrs, y, _ = _read_images(p, classes, {c: i for i, c in enumerate(classes)}, None)
+    x = _stack_images(arrs, any(a.shape[0] == 3 for a in arrs))
+    data = _finish(x, np.array(y, dtype=np.int64), None, None, p, "images", seed,
+                   task or "classification", val_fraction, tabular=False)
     data.classes, data.n_classes = classes, len(classes)
     if empty:
         data.notes.append(f"ignored sub-folders without images: {', '.join(empty)}")
+    return data
+
+
+#: validation folder names of the split layout (torchvision's ``ImageFolder`` per split)
+VAL_DIRS = ("val", "valid", "validation")
+
+
+def _split_image_root(p: Path) -> Path | None:
+    """``p/train`` when ``p`` holds ``train/<class>/*.png`` (a split layout), else None.  A
+    ``train`` folder that holds images itself is a class named "train", not a split."""
+    train = p / "train"
+    if not train.is_dir() or _images_in(train):
+        return None
+    return train if any(d.is_dir() and _images_in(d) for d in train.iterdir()) else None
+
+
+def _load_split_image_folders(p, seed, task, val_fraction) -> FitData:
+    """``train/<class>/`` with optional ``val/<class>/`` (or valid/, validation/): class folders
+    are matched by name, so a class missing from one split keeps its index."""
+    train = p / "train"
+    vals = [p / n for n in VAL_DIRS if (p / n).is_dir()]
+    if len(vals) > 1:
+        raise UserError(f"{p}: several validation folders ({', '.join(v.name for v in vals)}); "
+                        "keep one")
+    classes, empty = _class_folders(train)
+    val_classes, val_empty = _class_folders(vals[0]) if vals else ([], [])
+    every = sorted(set(classes) | set(val_classes))
+    if len(every) < 2:
+        raise UserError(f"{train}: only one class sub-folder with images ({every[0]}); "
+                        "classification needs at least 2")
+    index = {c: i for i, c in enumerate(every)}
+    arrs, y, size = _read_images(train, classes, index, None)
+    xv = yv = None
+    if vals:
+        if not val_classes:
+            raise UserError(f"{vals[0]}: validation folder has no class sub-folders with "
+                            "PNG/JPEG files")
+        varrs, yv, _ = _read_images(vals[0], val_classes, index, size)
+        rgb = any(a.shape[0] == 3 for a in arrs + varrs)
+        xv, yv = _stack_images(varrs, rgb), np.array(yv, dtype=np.int64)
+    else:
+        rgb = any(a.shape[0] == 3 for a in arrs)
+    x = _stack_images(arrs, rgb)
+    data = _finish(x, np.array(y, dtype=np.int64), xv, yv, train, "images", seed,
+                   task or "classification", val_fraction, tabular=False, source=str(p))
+    data.classes, data.n_classes = every, len(every)
+    missing = sorted(set(val_classes) - set(classes))
+    if missing:  # _finish notes classes only in validation by index; name them here
+        data.notes = [n for n in data.notes if not n.startswith("classes only in the validation")]
+        data.notes.append(f"classes only in {vals[0].name}/ (never trained on): "
+                          f"{', '.join(missing)}")
+    for folder, names in ((train, empty), (vals[0] if vals else None, val_empty)):
+        if folder is not None and names:
+            data.notes.append(f"ignored sub-folders of {folder.name}/ without images: "
+                              f"{', '.join(names)}")
+    if (p / "test").is_dir():
+        data.notes.append("test/ found: not used (selection uses the validation split only)")
     return data
 
 
