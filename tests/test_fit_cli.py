@@ -287,22 +287,26 @@ def test_cli_defaults_match_the_library():
     assert params["probe"].default == cfg.probe_fraction
 
 
-def test_verdict_significance_is_welchs_t_test():
+def test_verdict_significance_is_a_paired_t_test_over_the_shared_seeds():
     import statistics
 
     from scipy import stats
 
-    from autol2o.fit.pipeline import welch
+    from autol2o.fit.pipeline import paired_t
 
-    win, other = [0.100, 0.104, 0.098], [0.113, 0.109, 0.130]
-    gap = statistics.fmean(other) - statistics.fmean(win)
-    v = welch(gap, statistics.stdev(win), 3, statistics.stdev(other), 3)
-    ref = stats.ttest_ind(other, win, equal_var=False)
-    assert v["p_value"] == pytest.approx(ref.pvalue, rel=1e-9)
-    # 2 standard errors would call this gap real; with ~2.5 degrees of freedom it is not
-    se = math.sqrt(statistics.variance(win) / 3 + statistics.variance(other) / 3)
-    assert gap > 2 * se and not v["significant"] and v["noise"] > gap
-    # the same means with 8 seeds each and the same spread: now it is
-    v8 = welch(gap, statistics.stdev(win), 8, statistics.stdev(other), 8)
-    assert v8["significant"] and v8["p_value"] < 0.05 and v8["noise"] < gap
-    assert welch(0.01, 0.0, 2, 0.0, 2)["significant"]            # identical seeds: no noise
+    # seed 2 is hard for both: unpaired, its spread hides a gap every seed shows
+    win, other = [0.100, 0.104, 0.140], [0.106, 0.111, 0.146]
+    diffs = [b - a for a, b in zip(win, other)]
+    v = paired_t(diffs)
+    ref = stats.ttest_rel(other, win)
+    assert v["p_value"] == pytest.approx(ref.pvalue, rel=1e-9) and v["significant"]
+    assert stats.ttest_ind(other, win, equal_var=False).pvalue > 0.5  # Welch: "noise"
+    se = statistics.stdev(diffs) / math.sqrt(3)
+    assert v["noise"] == pytest.approx(stats.t.ppf(0.975, 2) * se, rel=1e-12)
+    # 2 standard errors would call a gap real; with 2 degrees of freedom it is not
+    d2 = [0.010, 0.002, 0.018]
+    v2 = paired_t(d2)
+    assert statistics.fmean(d2) > 2 * statistics.stdev(d2) / math.sqrt(3)
+    assert not v2["significant"] and v2["noise"] > statistics.fmean(d2)
+    assert paired_t([0.01, 0.01])["significant"]            # the same gap on every seed
+    assert not paired_t([0.0, 0.0])["significant"]

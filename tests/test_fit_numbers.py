@@ -91,11 +91,13 @@ def test_finals_verdict_and_compute_match_their_definitions(tmp_path, monkeypatc
         assert row["val_loss_mean"] == pytest.approx(statistics.fmean(vals))
         assert row["val_loss_std"] == pytest.approx(statistics.stdev(vals))
         assert f["steps"] == sum(run["steps_run"] for run in f["runs"]) == 2 * 20
-    # the seed-noise test is Welch's t-test on the two best contenders' final losses
+    # the seed-noise test is a paired t-test on the two best contenders' final losses, paired
+    # by seed (every contender ran the same seeds)
     v, (w, ru) = r["verdict"], r["leaderboard"][:2]
     assert v["gap"] == pytest.approx(ru["val_loss_mean"] - w["val_loss_mean"])
-    t = stats.ttest_ind(finals[w["name"]]["val_loss"]["values"],
-                        finals[ru["name"]]["val_loss"]["values"], equal_var=False)
+    assert finals[w["name"]]["seeds"] == finals[ru["name"]]["seeds"]
+    t = stats.ttest_rel(finals[ru["name"]]["val_loss"]["values"],
+                        finals[w["name"]]["val_loss"]["values"])
     assert v["p_value"] == pytest.approx(t.pvalue) and v["significant"] == (t.pvalue < 0.05)
     # compute: every finished trial's steps (a pruned one: up to its last report); "steps to
     # match" replayed from the trial records in order

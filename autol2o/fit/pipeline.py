@@ -14,7 +14,8 @@ Phases (each resumable from the run directory's ``state.json`` and the Optuna st
 4. **finals**: the learned optimizer and each baseline's best configuration, ``seeds`` fresh
    seeds each (``seed + 1 ... seed + seeds``: not the seed the race and the trials were selected
    on, so selection does not bias the comparison);
-5. **verdict**: winner, whether the gap exceeds seed noise (Welch t-test), compute spent per side.
+5. **verdict**: winner, whether the gap exceeds seed noise (paired t-test over the shared seeds),
+   compute spent per side.
 
 Ctrl-C writes a partial report (``status = "interrupted"``) and keeps the run directory;
 ``resume=True`` continues: the race and fine-tune results are read back, the studies run only
@@ -667,11 +668,13 @@ class FitRun:
             gap = r["val_loss_mean"] - w["val_loss_mean"]
             out.update(runner_up=r["name"], gap=gap)
             if w["n_seeds"] > 1 and r["n_seeds"] > 1:
-                out.update(welch(gap, w["val_loss_std"], w["n_seeds"], r["val_loss_std"],
-                                 r["n_seeds"]))
+                # every contender ran the same seeds (same init and minibatches per seed), so
+                # the per-seed differences are the test's samples
+                out.update(paired_t([b.final_val_loss - a.final_val_loss for a, b in
+                                     zip(self.finals[w["name"]], self.finals[r["name"]])]))
         sig = ("seed noise cannot be assessed with one seed" if out["significant"] is None else
                f"the gap {'exceeds' if out['significant'] else 'is within'} seed noise "
-               f"(Welch t-test over {w['n_seeds']} seeds, p = {out['p_value']:.2g})")
+               f"(paired t-test over {w['n_seeds']} shared seeds, p = {out['p_value']:.2g})")
         text = f"{w['name']} wins with validation loss {_fmt(w['val_loss_mean'])}"
         if out["runner_up"]:
             text += f", {_fmt(out['gap'])} ahead of {out['runner_up']}; {sig}"
@@ -697,25 +700,25 @@ class FitRun:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def welch(gap: float, s1: float, n1: int, s2: float, n2: int, alpha: float = 0.05) -> dict[str, Any]:
-    """Is a gap between two seed means more than seed noise?  Welch's t-test (unequal
-    variances), two-sided at ``alpha``:
+def paired_t(diffs: list[float], alpha: float = 0.05) -> dict[str, Any]:
+    """Is a gap between two contenders more than seed noise?  A two-sided paired t-test at
+    ``alpha`` on the per-seed differences d_i = loss_runner_up(seed i) - loss_winner(seed i):
 
-        se = sqrt(s1^2/n1 + s2^2/n2),  t = gap / se,
-        df = se^4 / ((s1^2/n1)^2/(n1-1) + (s2^2/n2)^2/(n2-1))   (Welch-Satterthwaite)
+        gap = mean(d),  se = stdev(d) / sqrt(n),  t = gap / se,  df = n - 1
 
-    With 2-3 seeds df is small and the critical t large (12.7 at df 1, 4.3 at df 2), which a
-    fixed "2 standard errors" rule would ignore.  ``noise`` is the gap needed for significance,
-    t_crit(df) * se."""
+    Both contenders trained from the same initial weights on the same minibatches for each
+    seed, so what varies with the seed (a lucky init, an easy batch order) largely cancels in
+    d_i; an unpaired test would count it as noise twice.  With 2-3 seeds df is small and the
+    critical t large (12.7 at df 1, 4.3 at df 2), which a fixed "2 standard errors" rule would
+    ignore.  ``noise`` is the gap needed for significance, t_crit(df) * se."""
     from scipy import stats
 
-    v1, v2 = s1 * s1 / n1, s2 * s2 / n2
-    se = math.sqrt(v1 + v2)
-    if se == 0.0:  # every seed identical on both sides: any gap is real, none is noise
+    n, gap = len(diffs), statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(n)
+    if se == 0.0:  # the same difference on every seed: any gap is real, none is noise
         return {"noise": 0.0, "p_value": 0.0 if gap > 0 else 1.0, "significant": gap > 0}
-    df = (v1 + v2) ** 2 / ((v1 * v1 / (n1 - 1) if v1 else 0.0) + (v2 * v2 / (n2 - 1) if v2 else 0.0))
-    p = float(2 * stats.t.sf(abs(gap) / se, df))
-    return {"noise": float(stats.t.ppf(1 - alpha / 2, df) * se), "p_value": p,
+    p = float(2 * stats.t.sf(abs(gap) / se, n - 1))
+    return {"noise": float(stats.t.ppf(1 - alpha / 2, n - 1) * se), "p_value": p,
             "significant": p < alpha}
 
 

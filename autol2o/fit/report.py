@@ -41,7 +41,8 @@ so an interrupted run never leaves a half-written file.
                        a contender with a diverged seed has null mean and ranks last)
     verdict          {winner (null unless every contender's finals finished and one of
                       them did not diverge), runner_up, gap, noise (the gap a two-sided
-                      Welch t-test at 5% needs: t_crit(df) x standard error), p_value,
+                      paired t-test at 5% over the shared seeds needs: t_crit(n-1) x the
+                      standard error of the per-seed differences), p_value,
                       significant (p < 0.05; null with one seed), summary (one sentence),
                       compute {learned|adam|sgd: {search_steps, search_wall_time, [search_trials],
                                final_runs, final_steps, final_wall_time}}  (a key only for
