@@ -250,6 +250,16 @@ def test_cli_list_table_and_json(entry, monkeypatch):
     for cell in ("rnnprop", "quadratic", "100", "0.5x Adam", "6641 params"):
         assert cell in rn_line
     assert "not evaluated" in next(ln for ln in lines if " dm " in ln)
+    # an 80-column terminal: a block per entry, every field whole (the table would fold the
+    # name and the headline into strips)
+    res = runner.invoke(app, ["zoo", "list"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    out = res.output.splitlines()
+    i = out.index(next(ln for ln in out if ln.startswith("rn ")))
+    assert out[i] == "rn  rnnprop, horizon 100, 3 meta-iterations, 6641 params, " \
+        f"{(entry / WEIGHTS_FILE).stat().st_size / 1024:.1f} KiB"
+    assert out[i + 1] == "  trained on: quadratic" and "0.5x Adam" in out[i + 2]
+    assert any(ln.startswith("dm ") for ln in out) and "not evaluated" in res.output
 
     res = runner.invoke(app, ["zoo", "list", "--json"])
     rows = json.loads(res.stdout)

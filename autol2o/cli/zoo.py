@@ -75,18 +75,48 @@ def list_cmd(root: RootOpt = None, as_json: JsonOpt = False) -> None:
     if not rows:
         typer.echo(f"no zoo entries in {zoo_root(root)}", err=True)
         return
+    con = _console()
+    if con.width < WIDE_TABLE:
+        _print_entries(con, rows, zoo_root(root))
+        return
     from rich.table import Table
 
     table = Table(title=f"autol2o zoo ({zoo_root(root)})")
     for col in ("name", "rule", "trained on", "horizon", "meta-iters", "size", "headline result"):
-        table.add_column(col, overflow="fold")
+        # a name must not wrap ("rnnprop-l / ong"); the long cells fold
+        table.add_column(col, overflow="fold", no_wrap=col in ("name", "rule"))
     for r in rows:
-        size = (f"{r['n_meta_params']} params, {r['size_bytes'] / 1024:.1f} KiB"
-                if r["size_bytes"] is not None else "?")
         table.add_row(r["name"], str(r["rule"]), ", ".join(r["trained_on"]) or "?",
-                      _fmt(r["horizon"]), _fmt(r["meta_iterations"]), size,
-                      f"unusable: {r['error']}" if r["error"] else r["headline"] or "not evaluated")
-    _console().print(table)
+                      _fmt(r["horizon"]), _fmt(r["meta_iterations"]), _size(r), _headline(r))
+    con.print(table)
+
+
+#: terminal width from which ``zoo list`` prints one table row per entry; narrower terminals
+#: (80 columns, CI logs) get a block per entry, since seven columns fold the headline into a
+#: one-word-wide strip there
+WIDE_TABLE = 120
+
+
+def _size(r: dict) -> str:
+    return (f"{r['n_meta_params']} params, {r['size_bytes'] / 1024:.1f} KiB"
+            if r["size_bytes"] is not None else "?")
+
+
+def _headline(r: dict) -> str:
+    return f"unusable: {r['error']}" if r["error"] else r["headline"] or "not evaluated"
+
+
+def _print_entries(con, rows: list[dict], root) -> None:
+    """``zoo list`` for narrow terminals: the same fields, one block per entry."""
+    from rich.markup import escape
+
+    con.print(f"[bold]autol2o zoo[/bold] ({escape(str(root))})")
+    for r in rows:
+        con.print(f"\n[bold]{escape(r['name'])}[/bold]  {escape(str(r['rule']))}, horizon "
+                  f"{_fmt(r['horizon'])}, {_fmt(r['meta_iterations'])} meta-iterations, "
+                  f"{_size(r)}", soft_wrap=True)
+        con.print(f"  trained on: {escape(', '.join(r['trained_on']) or '?')}", soft_wrap=True)
+        con.print(f"  headline:   {escape(_headline(r))}", soft_wrap=True)
 
 
 @app.command("show")
