@@ -383,6 +383,7 @@ def test_launch_shares_the_checks_and_reports_one_line(tmp_path, capsys):
 @pytest.mark.parametrize("extra", [
     ["--rule", "rnnprop"], ["--rule", "dm"], ["--rule", "rnnprop", "--no-convex"],
     ["--rule", "rnnprop", "--meta-batch-size", "64"],
+    ["--rule", "rnnprop", "--meta-data", "heldout"],
     ["--rule", "dm", "--convex", "--meta-lr", "0.01", "--iterations", "7"]])
 def test_launch_builds_the_config_zoo_train_builds(tmp_path, monkeypatch, extra):
     """The torchrun entry point defaults like ``zoo train`` (the rule's paper recipe: tricks
@@ -478,3 +479,84 @@ def test_meta_batch_drawn_for_every_kind_of_sampled_data():
     quad = build_task("quadratic")
     plan = quad.make_plan([torch.Generator().manual_seed(5)])
     assert quad.meta_batch(plan, 3, 300) is quad.batch(plan, 3)  # one fixed problem
+
+
+# -- the held-out meta-objective (--meta-data heldout) -----------------------------------------
+def test_heldout_batches_are_the_test_split():
+    from autol2o.meta.data import load_digits
+
+    task = build_task("digits-nn-relu")
+    plan = task.make_plan([torch.Generator().manual_seed(s) for s in (1, 2)])
+    xt, yt, _ = load_digits("test")
+    x, y = task.heldout_batch(plan, 3, 0)  # size 0: every held-out example, for each instance
+    assert x.shape == (2, 360, 64) and torch.equal(x[1], xt) and torch.equal(y[0], yt)
+    x, y = task.heldout_batch(plan, 3, 50)  # a sample, per instance seed and step
+    assert x.shape == (2, 50, 64) and not torch.equal(x[0], x[1])
+    test_rows = {tuple(r) for r in xt.tolist()}
+    assert all(tuple(r) in test_rows for r in x.reshape(-1, 64).tolist())
+    assert torch.equal(task.heldout_batch(plan, 3, 50)[0], x)
+    with pytest.raises(UserError, match="trains on the 'test' split: it has no held-out split"):
+        build_task({**task.spec, "split": "test"}).heldout_batch(plan, 0, 0)
+
+
+def test_heldout_loss_is_the_mean_over_every_heldout_example(monkeypatch):
+    import autol2o.meta.tasks as tasks_mod
+
+    task = build_task("mlp-digits")
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    theta, plan = task.init_params(gens), task.make_plan(gens)
+    whole = task.loss(theta, task.heldout_batch(plan, 0, 0))
+    monkeypatch.setattr(tasks_mod, "HELDOUT_CHUNK", 100)  # 360 = 100 + 100 + 100 + 60
+    assert torch.allclose(task.heldout_loss(theta, plan), whole, rtol=1e-6)
+
+
+def test_heldout_meta_loss_and_validation():
+    """With meta_data="heldout" the optimizee follows the same trajectory (it trains on its
+    minibatches); the scored loss is f(theta_t) over the held-out split, and validation scores
+    the held-out loss at the final parameters."""
+    task = build_task("mlp-digits")
+    rule, seeds = _rule(), [11, 22]
+    cfgs = {m: TrainConfig(batch=2, random_scaling=0.0, convex_combination=False, meta_data=m)
+            for m in ("train", "heldout")}
+    runs = {m: _Run([task], rule, cfg, 0, seeds, horizon=10) for m, cfg in cfgs.items()}
+    losses = {m: run.unroll(rule, 4, "last", 0, m) for m, run in runs.items()}
+    assert torch.equal(runs["train"].theta, runs["heldout"].theta)
+    run = runs["heldout"]
+    expect = task.loss(run.theta, task.heldout_batch(run.plan, 4, 0))
+    assert torch.allclose(losses["heldout"].detach(), expect, rtol=1e-6)
+    assert not torch.allclose(losses["train"].detach(), expect)
+
+    res = evaluate(rule, task, 10, runs=3, seed=5, final="heldout")
+    from autol2o.meta.evaluate import run_learned, run_seeds
+    from autol2o.meta.tasks import generators
+
+    gens = generators(run_seeds(5, 3))
+    theta = run_learned(rule, task, task.init_params(gens), task.make_plan(gens), 10)
+    assert torch.allclose(res.final_losses, task.heldout_loss(theta, None), rtol=1e-6)
+    assert not torch.allclose(res.final_losses, evaluate(rule, task, 10, runs=3, seed=5).final_losses)
+    with pytest.raises(UserError, match="meta_data must be 'train' or 'heldout'"):
+        TrainConfig(meta_data="val")
+
+
+def test_module_task_holds_out_its_validation_data():
+    from torch import nn
+
+    from autol2o.meta import ModuleTask
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 5, generator=g), torch.randint(0, 3, (40,), generator=g)
+    task = ModuleTask(lambda: nn.Linear(5, 3), x[:30], y[:30], nn.functional.cross_entropy,
+                      batch_size=8, x_val=x[30:], y_val=y[30:])
+    gens = [torch.Generator().manual_seed(1)]
+    theta, plan = task.init_params(gens), task.make_plan(gens)
+    xv, yv = task.heldout_batch(plan, 0, 0)
+    assert torch.equal(xv[0], x[30:]) and torch.equal(yv[0], y[30:])
+    model = nn.Linear(5, 3)
+    with torch.no_grad():
+        model.weight.copy_(theta[0, :15].view(3, 5))
+        model.bias.copy_(theta[0, 15:])
+    ref = nn.functional.cross_entropy(model(x[30:]), y[30:])
+    assert task.heldout_loss(theta, plan).item() == pytest.approx(ref.item(), rel=1e-6)
+    no_val = ModuleTask(lambda: nn.Linear(5, 3), x, y, nn.functional.cross_entropy)
+    with pytest.raises(UserError, match="has no validation data"):
+        no_val.heldout_batch(plan, 0, 0)

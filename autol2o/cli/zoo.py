@@ -184,6 +184,11 @@ def train_cmd(
         "--meta-batch-size",
         help="Score the meta-loss on a separate batch of this many examples (0: the step's own "
              "minibatch, as in the paper; e.g. 2048 cuts meta-gradient noise).")] = 0,
+    meta_data: Annotated[str, typer.Option(
+        "--meta-data",
+        help="Score the meta-loss on 'train' (the paper: fast training loss) or 'heldout' "
+             "examples of the dataset's test split (a rule for low validation loss; "
+             "--meta-batch-size of them per scored step, 0: all).")] = "train",
     log_loss: Annotated[bool, typer.Option(
         "--log-loss/--no-log-loss",
         help="Meta-train on log(loss), so tasks on different loss scales weigh alike.")] = False,
@@ -233,6 +238,7 @@ def train_cmd(
         meta_lr=meta_lr, lr_schedule=lr_schedule, warmup=warmup, ema=ema, batch=batch,
         seed=seed, curriculum=tuple(stages),
         meta_loss=recipe["meta_loss"], log_loss=log_loss, meta_batch_size=meta_batch_size,
+        meta_data=meta_data,
         random_scaling=recipe["random_scaling"] if random_scaling is None else
         (3.0 if random_scaling else 0.0),
         convex_combination=recipe["convex_combination"] if convex is None else convex,
@@ -250,6 +256,7 @@ def train_cmd(
             "--convex" if config.convex_combination else "--no-convex",
             *(["--log-loss"] if log_loss else []),
             *(["--meta-batch-size", meta_batch_size] if meta_batch_size else []),
+            *(["--meta-data", meta_data] if meta_data != "train" else []),
             "--validate-every", validate_every, "--val-runs", val_runs,
             *(["--data-dir", data_dir] if data_dir else []),
             "--seed", seed, "--out", out]

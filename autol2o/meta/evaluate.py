@@ -106,11 +106,17 @@ def run_learned(rule: LearnedRule, task: Task, theta: Tensor, plan: object, step
 
 
 def evaluate(optimizer: LearnedRule | OptimizerFactory, task: Task, steps: int = 100,
-             runs: int = 20, seed: int = 0, *, max_batch: int = 32) -> EvalResult:
+             runs: int = 20, seed: int = 0, *, max_batch: int = 32,
+             final: str = "train") -> EvalResult:
     """Run ``optimizer`` (a learned rule or a ``torch.optim`` factory, see :func:`baseline`) on
-    ``runs`` instances of ``task`` for ``steps`` steps under the authors' protocol (module doc)."""
+    ``runs`` instances of ``task`` for ``steps`` steps under the authors' protocol (module doc).
+
+    ``final="heldout"`` scores the final parameters on every held-out example
+    (:meth:`Task.heldout_loss`) instead of the run's training minibatches."""
     if steps < 1 or runs < 1:
         raise UserError(f"evaluate needs steps >= 1 and runs >= 1, got {steps}, {runs}")
+    if final not in ("train", "heldout"):
+        raise UserError(f"final must be 'train' or 'heldout', got {final!r}")
     t0 = time.perf_counter()
     seeds = run_seeds(seed, runs)
     finals, curves = [], []
@@ -132,8 +138,11 @@ def evaluate(optimizer: LearnedRule | OptimizerFactory, task: Task, steps: int =
                 opt.step()
                 curve[t] = loss.detach().cpu()
         with torch.no_grad():
-            final = sum(task.loss(theta.detach(), task.batch(plan, t)) for t in range(steps))
-        finals.append((final / steps).cpu())
+            if final == "heldout":
+                finals.append(task.heldout_loss(theta.detach(), plan).cpu())
+            else:
+                total = sum(task.loss(theta.detach(), task.batch(plan, t)) for t in range(steps))
+                finals.append((total / steps).cpu())
         curves.append(curve)
     final_losses = torch.cat(finals)
     diverged = int((~torch.isfinite(final_losses)).sum())

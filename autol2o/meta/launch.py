@@ -57,6 +57,7 @@ def canonical_command(rule: str, tasks: list[str], config: TrainConfig, options:
             "--convex" if c.convex_combination else "--no-convex",
             "--meta-loss", c.meta_loss, *(["--log-loss"] if c.log_loss else []),
             *(["--meta-batch-size", c.meta_batch_size] if c.meta_batch_size else []),
+            *(["--meta-data", c.meta_data] if c.meta_data != "train" else []),
             "--validate-every", c.validate_every, "--val-runs", c.val_runs,
             *(["--data-dir", data_dir] if data_dir else []), "--seed", c.seed, "--out", out]
     return (f"torchrun --nproc_per_node {world} -m autol2o.meta.launch "
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                       ("meta-batch-size", int)):
         p.add_argument(f"--{name}", type=typ)
     p.add_argument("--meta-loss", choices=["last", "mean"])
+    p.add_argument("--meta-data", choices=["train", "heldout"])
     p.add_argument("--convex", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--log-loss", action="store_true", help="meta-train on log(loss)")
     p.add_argument("--magnitude", action="store_true",
@@ -109,7 +111,7 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     kw = {k.replace("-", "_"): getattr(args, k.replace("-", "_")) for k in
           ("horizon", "unroll", "iterations", "batch", "meta-lr", "random-scaling", "seed",
            "validate-every", "val-runs", "checkpoint-every", "warmup", "lr-schedule",
-           "meta-loss", "ema", "meta-batch-size")}
+           "meta-loss", "ema", "meta-batch-size", "meta-data")}
     # what is not given defaults as in ``autol2o zoo train`` (the rule's paper recipe: tricks on
     # for RNNprop, the mean meta-loss for DM), so that a torchrun job trains what zoo train would
     given = {k: v for k, v in kw.items() if v is not None}

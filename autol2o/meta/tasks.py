@@ -101,6 +101,19 @@ class Task:
         step's own minibatch (tasks without sampled data: the quadratic)."""
         return self.batch(plan, t)
 
+    def heldout_batch(self, plan: Any, t: int, size: int) -> Any:
+        """Examples the optimizee never trains on, for the generalization meta-objective
+        (``TrainConfig.meta_data = "heldout"``): every held-out example when ``size`` is 0 or
+        covers them, else ``size`` of them drawn per instance at step t.  Default, for tasks
+        without a finite training set: a fresh meta batch (the sin-LSTM draws new waves every
+        step, so unseen waves are held out; the quadratic is one fixed problem)."""
+        return self.meta_batch(plan, t, size or HELDOUT_DEFAULT)
+
+    def heldout_loss(self, theta: Tensor, plan: Any) -> Tensor:
+        """Per-instance loss ``(B,)`` over every held-out example (validation of a rule trained
+        with ``meta_data = "heldout"``)."""
+        return self.loss(theta, self.heldout_batch(plan, 0, 0))
+
     def loss(self, theta: Tensor, batch: Any) -> Tensor:
         raise NotImplementedError
 
@@ -122,10 +135,13 @@ class _DatasetTask(Task):
     55,000 images shuffled once per epoch; at batch 128 and 100-10,000 steps the two differ only
     in which examples repeat."""
 
-    def __init__(self, spec, n_params, x: Tensor, y: Tensor, batch_size: int, device="cpu"):
+    def __init__(self, spec, n_params, x: Tensor, y: Tensor, batch_size: int, device="cpu",
+                 data_dir: str | Path | None = None):
         super().__init__(spec, n_params, device)
         self.x, self.y = x.to(self.device), y.to(self.device)
         self.batch_size = min(batch_size, x.shape[0])
+        self.data_dir = data_dir                  # where the held-out split is read from
+        self._heldout: tuple[Tensor, Tensor] | None = None
 
     def batch(self, plan: list[int], t: int) -> tuple[Tensor, Tensor]:
         return _draw(self.x, self.y, plan, t, self.batch_size, self.device)
@@ -133,9 +149,30 @@ class _DatasetTask(Task):
     def meta_batch(self, plan: list[int], t: int, size: int) -> tuple[Tensor, Tensor]:
         return _draw(self.x, self.y, plan, t, size, self.device, META_STREAM)
 
+    def _load_heldout(self) -> tuple[Tensor, Tensor]:
+        """The dataset's other split: ``test`` for a task that trains on ``train``."""
+        if self.spec["split"] != "train":
+            raise UserError(f"task {self.name!r} trains on the {self.spec['split']!r} split: it "
+                            "has no held-out split for --meta-data heldout")
+        x, y, _ = load_dataset(self.spec["dataset"], self.data_dir, "test")
+        return x, y
+
+    def _heldout_data(self) -> tuple[Tensor, Tensor]:
+        if self._heldout is None:  # read on first use: most tasks never need it
+            self._heldout = tuple(a.to(self.device) for a in self._load_heldout())
+        return self._heldout
+
+    def heldout_batch(self, plan: list[int], t: int, size: int) -> tuple[Tensor, Tensor]:
+        return _heldout_draw(*self._heldout_data(), plan, t, size, self.device)
+
+    def heldout_loss(self, theta: Tensor, plan: list[int]) -> Tensor:
+        return _chunked_loss(self.loss, theta, *self._heldout_data())
+
     def to(self, device):
         super().to(device)
         self.x, self.y = self.x.to(self.device), self.y.to(self.device)
+        if self._heldout is not None:
+            self._heldout = tuple(a.to(self.device) for a in self._heldout)
         return self
 
     def logits(self, theta: Tensor, x: Tensor) -> Tensor:
@@ -149,6 +186,34 @@ class _DatasetTask(Task):
 
 #: key of the random stream meta-loss batches are drawn from, apart from the minibatches'
 META_STREAM = 0x4D42
+#: the same for held-out batches smaller than the held-out split
+HELDOUT_STREAM = 0x484F
+#: held-out examples per instance for tasks that draw fresh data (sin-LSTM) when no size is given
+HELDOUT_DEFAULT = 1024
+#: held-out examples per loss call in :func:`_chunked_loss` (MNIST's 10,000 test images times B
+#: instances would otherwise be materialised at once)
+HELDOUT_CHUNK = 2048
+
+
+def _heldout_draw(x: Tensor, y: Tensor, plan: list[int], t: int, size: int,
+                  device) -> tuple[Tensor, Tensor]:
+    """Every held-out example for each instance (a broadcast view, no copy) when ``size`` is 0 or
+    covers them; else ``size`` of them per instance, drawn like :func:`_draw`."""
+    if size == 0 or size >= x.shape[0]:
+        b = len(plan)
+        return x.expand(b, *x.shape), y.expand(b, *y.shape)
+    return _draw(x, y, plan, t, size, device, HELDOUT_STREAM)
+
+
+def _chunked_loss(loss, theta: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """Mean per-instance loss ``(B,)`` over all of ``(x, y)``, in chunks of examples (the losses
+    are means over their batch, so chunks are weighted by their size)."""
+    b, n, total = theta.shape[0], x.shape[0], 0.0
+    for lo in range(0, n, HELDOUT_CHUNK):
+        xc, yc = x[lo:lo + HELDOUT_CHUNK], y[lo:lo + HELDOUT_CHUNK]
+        total = total + loss(theta, (xc.expand(b, *xc.shape), yc.expand(b, *yc.shape))) \
+            * xc.shape[0]
+    return total / n
 
 
 def _draw(x: Tensor, y: Tensor, plan: list[int], t: int, size: int, device,
@@ -210,7 +275,7 @@ class MLPTask(_DatasetTask):
         spec = {"kind": self.kind, "name": name or f"{dataset}-mlp", "dataset": dataset,
                 "hidden": list(hidden), "activation": activation, "batch_size": batch_size,
                 "init_std": init_std, "split": split}
-        super().__init__(spec, layout_size(self.layout), x, y, batch_size, device)
+        super().__init__(spec, layout_size(self.layout), x, y, batch_size, device, data_dir)
         self.act = ACTIVATIONS[activation]
         self.init_std = init_std
 
@@ -267,7 +332,7 @@ class CNNTask(_DatasetTask):
         self.n_fc = len(sizes) - 1
         spec = {"kind": self.kind, "name": name or f"{dataset}-{arch}", "dataset": dataset,
                 "arch": arch, "batch_size": batch_size, "init_std": init_std, "split": split}
-        super().__init__(spec, layout_size(self.layout), x, y, batch_size, device)
+        super().__init__(spec, layout_size(self.layout), x, y, batch_size, device, data_dir)
         self.init_std = init_std
 
     def init_params(self, gens):
@@ -441,14 +506,14 @@ class ModuleTask(Task):
         super().to(device)
         self.model.to(self.device)
         self.x, self.y = self.x.to(self.device), self.y.to(self.device)
+        if self.x_val is not None and self.y_val is not None:
+            self.x_val, self.y_val = self.x_val.to(self.device), self.y_val.to(self.device)
         return self
 
     def validation_task(self) -> ModuleTask:
         """The same model on ``(x_val, y_val)`` (for held-out validation)."""
-        if self.x_val is None or self.y_val is None:
-            raise UserError(f"ModuleTask {self.name!r} has no validation data")
         task = copy.copy(self)
-        task.x, task.y = self.x_val.to(self.device), self.y_val.to(self.device)
+        task.x, task.y = self._heldout_data()
         task.batch_size = min(self.batch_size, task.x.shape[0])
         task.spec = {**self.spec, "name": self.name + "-val", "n_examples": int(task.x.shape[0])}
         return task
@@ -468,6 +533,18 @@ class ModuleTask(Task):
 
     def meta_batch(self, plan, t, size):
         return _draw(self.x, self.y, plan, t, size, self.device, META_STREAM)
+
+    def _heldout_data(self) -> tuple[Tensor, Tensor]:
+        if self.x_val is None or self.y_val is None:
+            raise UserError(f"ModuleTask {self.name!r} has no validation data")
+        return self.x_val.to(self.device), self.y_val.to(self.device)
+
+    def heldout_batch(self, plan, t, size):
+        """The validation data: the split ``autol2o fit`` selects and reports on."""
+        return _heldout_draw(*self._heldout_data(), plan, t, size, self.device)
+
+    def heldout_loss(self, theta, plan):
+        return _chunked_loss(self.loss, theta, *self._heldout_data())
 
     def _single(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         buffers = dict(self.model.named_buffers())

@@ -94,6 +94,13 @@ class TrainConfig:
     #: forward/backward of the optimizee per scored step.  The optimizee still trains on its
     #: minibatches.  Tasks without sampled data (the quadratic) ignore it
     meta_batch_size: int = 0
+    #: what the meta-loss is scored on: "train" (the training split, as in both papers: the rule
+    #: learns to minimise the training loss fast) or "heldout" (the dataset's held-out split, a
+    #: fit's validation data: the rule learns to minimise the loss on unseen examples, which is
+    #: what ``autol2o fit`` selects and reports on; a rule that drives the training loss to 0
+    #: overfits small datasets).  With "heldout", ``meta_batch_size`` examples are drawn from
+    #: it (0: all of them) and validation scores the held-out loss at the final parameters
+    meta_data: str = "train"
     #: meta-train on log(loss) instead of the loss: with several tasks, one whose loss is 50x
     #: larger (an MLP's cross-entropy beside a regression's MSE) otherwise dominates the
     #: meta-gradient; on the log scale every task's *relative* progress weighs the same
@@ -119,6 +126,8 @@ class TrainConfig:
         # messages name the command-line option: ``zoo train`` and ``meta.launch`` share them
         if self.meta_loss not in ("last", "mean"):
             raise UserError(f"meta_loss must be 'last' or 'mean', got {self.meta_loss!r}")
+        if self.meta_data not in ("train", "heldout"):
+            raise UserError(f"meta_data must be 'train' or 'heldout', got {self.meta_data!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise UserError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         for name, low in (("horizon", 1), ("unroll", 1), ("iterations", 1), ("batch", 1),
@@ -291,11 +300,11 @@ class _Run:
         return self.t >= self.horizon
 
     def unroll(self, rule: LearnedRule, steps: int, meta_loss: str,
-               meta_batch_size: int = 0) -> Tensor:
+               meta_batch_size: int = 0, meta_data: str = "train") -> Tensor:
         """Advance ``steps`` optimizee steps with a graph to the meta-weights; return the
         per-instance meta-loss ``(B,)``, scored on the step's minibatch or, with
-        ``meta_batch_size``, on a separate batch of that many examples.  The run's tensors are
-        left detached."""
+        ``meta_batch_size``, on a separate batch of that many training examples, or with
+        ``meta_data="heldout"`` on held-out examples.  The run's tensors are left detached."""
         theta, state, grad = self.theta, self.state, self.grad
         terms = []
         for i in range(steps):
@@ -307,9 +316,14 @@ class _Run:
                 loss = self.objective.loss(theta, batch)
                 # d loss / d theta only (not through the rule): the gradient fed to the rule
                 (grad,) = torch.autograd.grad(loss.sum(), theta, retain_graph=True)
-                terms.append(self.objective.loss(
-                    theta, self.task.meta_batch(self.plan, self.t, meta_batch_size))
-                    if meta_batch_size else loss)
+                if meta_data == "heldout":
+                    terms.append(self.objective.loss(
+                        theta, self.task.heldout_batch(self.plan, self.t, meta_batch_size)))
+                elif meta_batch_size:
+                    terms.append(self.objective.loss(
+                        theta, self.task.meta_batch(self.plan, self.t, meta_batch_size)))
+                else:
+                    terms.append(loss)
             else:
                 loss, grad = loss_and_grad(self.objective.loss, theta, batch)
         self.theta = theta.detach()
@@ -383,7 +397,8 @@ def _validate(rule: LearnedRule, val_tasks: list[Task], config: TrainConfig) -> 
     on 7 of 8 runs would otherwise be scored, and maybe kept, on the one survivor."""
     losses = []
     for t in val_tasks:
-        res = evaluate(rule, t, config.validation_steps, config.val_runs, config.val_seed)
+        res = evaluate(rule, t, config.validation_steps, config.val_runs, config.val_seed,
+                       final=config.meta_data)
         if res.diverged:
             return math.inf
         losses.append(res.final_loss)
@@ -638,7 +653,7 @@ def _check_resume(ck: dict[str, Any], path: Path, config: TrainConfig, ident: di
 
 def _unroll(run: _Run, rule: LearnedRule, steps: int, config: TrainConfig) -> Tensor:
     """One truncated-BPTT segment (a module-level hook so tests can simulate a kill)."""
-    return run.unroll(rule, steps, config.meta_loss, config.meta_batch_size)
+    return run.unroll(rule, steps, config.meta_loss, config.meta_batch_size, config.meta_data)
 
 
 class _LogLines:
