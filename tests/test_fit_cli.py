@@ -256,11 +256,12 @@ def test_fine_tune_saves_a_zoo_entry_in_the_run(tmp_path, capsys, entry, meta_lo
     assert ft["used"] == (ft["best_iteration"] != 0
                           and ft["probe_val_loss_after"] <= ft["probe_val_loss_before"])
     assert r["verdict"]["compute"]["learned"]["search_steps"] == ft["optimizee_steps"]
-    # 2 unrolls of 20 steps x 4 instances + 3 validations (start, after 1, after 2) of 2 runs
-    # x 20 steps + 2 probe runs of 5 steps (--steps 20 --probe 0.25)
+    # 2 unrolls of 20 steps x 2 instances + 3 validations (start, after 1, after 2) of 4 runs
+    # x 20 steps + 2 full-length runs of 20 steps (--steps 20)
     tc = card["train_config"]
-    assert (tc["unroll"], tc["batch"], tc["val_runs"], tc["horizon"]) == (20, 4, 2, 20)
-    assert ft["optimizee_steps"] == 2 * 20 * 4 + 3 * 2 * 20 + 2 * 5
+    assert (tc["unroll"], tc["batch"], tc["val_runs"], tc["horizon"]) == (20, 2, 4, 20)
+    assert tc["meta_data"] == "heldout"
+    assert ft["optimizee_steps"] == 2 * 20 * 2 + 3 * 4 * 20 + 2 * 20
 
 
 def test_report_schema_is_documented():

@@ -194,10 +194,10 @@ def test_fine_tune_counts_the_short_last_unroll(tmp_path, capsys, monkeypatch):
                             "--baselines", "adam", "--out", tmp_path / "run"], capsys)
     assert code == 0, err
     ft = json.loads((tmp_path / "run" / "report.json").read_text())["fine_tune"]
-    assert taken == [20 * 4, 10 * 4, 20 * 4]
-    # + validations (start and after each iteration: validate_every 3 // 4 -> 1) of 2 runs x 30
-    # steps + 2 probe runs of round(0.25 * 30) = 8 steps
-    assert ft["optimizee_steps"] == sum(taken) + 4 * 2 * 30 + 2 * 8
+    assert taken == [20 * 2, 10 * 2, 20 * 2]
+    # + validations (start and after each iteration: validate_every 3 // 4 -> 1) of 4 runs x 30
+    # steps + 2 full-length runs of 30 steps (the fine-tuned and the original optimizer)
+    assert ft["optimizee_steps"] == sum(taken) + 4 * 4 * 30 + 2 * 30
 
 
 def test_curves_legend_says_which_seeds_diverged(tmp_path, monkeypatch):

@@ -560,3 +560,42 @@ def test_module_task_holds_out_its_validation_data():
     no_val = ModuleTask(lambda: nn.Linear(5, 3), x, y, nn.functional.cross_entropy)
     with pytest.raises(UserError, match="has no validation data"):
         no_val.heldout_batch(plan, 0, 0)
+
+
+def test_module_task_holdout_splits_every_run_anew():
+    """``holdout``: each run trains on its own part of the data and is scored on the rest, a
+    partition drawn from its seed (the same after a resume, another for the next run)."""
+    from torch import nn
+
+    from autol2o.meta import ModuleTask
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.arange(50, dtype=torch.float32)[:, None].repeat(1, 4)  # row i is all i: traceable
+    y = torch.randint(0, 3, (50,), generator=g)
+    task = ModuleTask(lambda: nn.Linear(4, 3), x, y, nn.functional.cross_entropy, batch_size=16,
+                      holdout=0.2)
+    assert task.n_heldout == 10 and task.spec["n_heldout"] == 10
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
+    plan = task.make_plan(gens)
+    ids = [set(plan[b].heldout.tolist()) for b in range(2)]
+    assert ids[0] != ids[1] and all(len(i) == 10 for i in ids)
+    for t in range(5):
+        xb, _ = task.batch(plan, t)
+        mb, _ = task.meta_batch(plan, t, 30)
+        for b in range(2):  # training draws never touch the run's held-out rows
+            assert not ({int(v) for v in xb[b, :, 0]} | {int(v) for v in mb[b, :, 0]}) & ids[b]
+    xh, yh = task.heldout_batch(plan, 3, 0)
+    assert [{int(v) for v in xh[b, :, 0]} for b in range(2)] == ids
+    assert torch.equal(yh[0], y[plan[0].heldout])
+    xs, _ = task.heldout_batch(plan, 3, 4)  # a sample of the held-out rows
+    assert xs.shape[:2] == (2, 4) and {int(v) for v in xs[1, :, 0]} <= ids[1]
+    again = task.make_plan([torch.Generator().manual_seed(s) for s in (1, 2)])
+    assert torch.equal(again[1].heldout, plan[1].heldout)  # a pure function of the seed
+    theta = task.init_params(gens)
+    ref = torch.stack([nn.functional.cross_entropy(
+        x[plan[b].heldout] @ theta[b, :12].view(3, 4).t() + theta[b, 12:], y[plan[b].heldout])
+        for b in range(2)])
+    assert torch.allclose(task.heldout_loss(theta, plan), ref, rtol=1e-5)
+    with pytest.raises(UserError, match="3 examples are too few to hold out 90% of them"):
+        ModuleTask(lambda: nn.Linear(4, 3), x[:3], y[:3], nn.functional.cross_entropy,
+                   holdout=0.9)

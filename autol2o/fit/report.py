@@ -20,11 +20,15 @@ so an interrupted run never leaves a half-written file.
                                         wall_time, curve}]}  (an entry that failed to
                              load: {name, error, val_loss null, diverged, steps 0, wall_time})
     fine_tune        null | {name, path, iterations, optimizee_steps, diverged_runs,
-                             best_val (the meta-validation score: the loss reached when the
-                             optimizer trains a fresh model on the validation split, not a
-                             validation loss of a trained model),
+                             best_val (the meta-validation score: the mean loss, on the 20%
+                             of the training data each run held out, of fresh models trained
+                             by the optimizer on the rest for min(steps, 1000) steps; the
+                             validation split is never used by fine-tuning),
                              best_iteration (0: the starting weights stayed best),
-                             probe_val_loss_before, probe_val_loss_after, used, wall_time}
+                             probe_val_loss_before, probe_val_loss_after (validation loss after
+                             a full --steps run from the --seed init, with the picked and with
+                             the fine-tuned optimizer), used (fine-tuned weights improved
+                             meta-validation and the full run is not worse), wall_time}
     tuning           {adam|sgd: {study, storage, n_trials (finished: complete, pruned or
                      diverged; what --trials counts), n_unfinished (cut off by an interruption;
                      re-run on --resume), n_complete, n_pruned, n_failed, n_diverged,
@@ -248,7 +252,7 @@ def markdown(r: dict[str, Any]) -> str:
     if r.get("fine_tune"):
         f = r["fine_tune"]
         lines += ["## Fine-tuning", "",
-                  f"{f['iterations']} meta-iterations; probe val loss "
+                  f"{f['iterations']} meta-iterations; val loss of a full run "
                   f"{_f(f['probe_val_loss_before'])} -> {_f(f['probe_val_loss_after'])}; "
                   f"{'used' if f['used'] else 'not used'}. Weights: `{f['path']}`.", ""]
     for kind, t in r.get("tuning", {}).items():

@@ -20,11 +20,11 @@ from a preset name such as ``"mnist-nn-sigmoid"``.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -470,6 +470,22 @@ def convex_term(x: Tensor, a: Tensor) -> Tensor:
     return torch.clamp((x - a) ** 2, 0.0, 10.0).mean(1)
 
 
+#: held-out examples per run of a ModuleTask with ``holdout`` (enough to score a loss; more only
+#: costs time at every scored step)
+HOLDOUT_MAX = 2048
+#: key of the random stream a run's train / held-out partition is drawn from
+SPLIT_KEY = 0x5350
+
+
+@dataclass
+class RunSplit:
+    """One run's share of a ModuleTask's data: its minibatch seed and its two index sets."""
+
+    seed: int
+    train: Tensor
+    heldout: Tensor
+
+
 class ModuleTask(Task):
     """Any ``nn.Module`` + in-memory tensors + a loss, B parameter sets at once.
 
@@ -484,10 +500,23 @@ class ModuleTask(Task):
     def __init__(self, build_model: Callable[[], nn.Module], x: Tensor, y: Tensor,
                  loss_fn: Callable[[Tensor, Tensor], Tensor], batch_size: int = 128,
                  name: str = "module", x_val: Tensor | None = None, y_val: Tensor | None = None,
-                 device="cpu"):
+                 device="cpu", holdout: float = 0.0):
         if x.shape[0] != y.shape[0] or x.shape[0] == 0:
             raise UserError(f"ModuleTask {name!r}: x and y must have the same non-zero length, "
                             f"got {x.shape[0]} and {y.shape[0]}")
+        if not 0.0 <= holdout < 1.0:
+            raise UserError(f"ModuleTask {name!r}: holdout must lie in [0, 1), got {holdout}")
+        #: with ``holdout`` > 0 every run splits (x, y) anew, from its seed: it trains on one
+        #: part and its held-out batches come from the other (at most HOLDOUT_MAX examples).
+        #: Meta-training against a fixed held-out set lets the rule's thousands of weights fit
+        #: those few hundred examples; against a fresh split per run it can only learn what
+        #: generalises.  The validation data (``x_val``) stays unseen for the caller's own use
+        self.n_heldout = 0
+        if holdout:
+            self.n_heldout = min(HOLDOUT_MAX, max(1, round(holdout * x.shape[0])))
+            if self.n_heldout >= x.shape[0]:
+                raise UserError(f"ModuleTask {name!r}: {x.shape[0]} examples are too few to hold "
+                                f"out {holdout:.0%} of them")
         self.build_model, self.loss_fn = build_model, loss_fn
         self.model = build_model()
         self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
@@ -495,9 +524,11 @@ class ModuleTask(Task):
         self.layout = [(n, tuple(params[n].shape)) for n in self.names]
         self.x, self.y, self.x_val, self.y_val = x, y, x_val, y_val
         self.batch_size = min(batch_size, x.shape[0])
+        self.batch_size = min(self.batch_size, x.shape[0] - self.n_heldout)
         spec = {"kind": self.kind, "name": name, "n_params": layout_size(self.layout),
                 "batch_size": self.batch_size, "n_examples": int(x.shape[0]),
-                "model": type(self.model).__name__}
+                "model": type(self.model).__name__,
+                **({"holdout": holdout, "n_heldout": self.n_heldout} if holdout else {})}
         super().__init__(spec, layout_size(self.layout), device)
         self._use_vmap = True
         self.to(device)
@@ -510,14 +541,6 @@ class ModuleTask(Task):
             self.x_val, self.y_val = self.x_val.to(self.device), self.y_val.to(self.device)
         return self
 
-    def validation_task(self) -> ModuleTask:
-        """The same model on ``(x_val, y_val)`` (for held-out validation)."""
-        task = copy.copy(self)
-        task.x, task.y = self._heldout_data()
-        task.batch_size = min(self.batch_size, task.x.shape[0])
-        task.spec = {**self.spec, "name": self.name + "-val", "n_examples": int(task.x.shape[0])}
-        return task
-
     def init_params(self, gens):
         rows = []
         for g in gens:
@@ -528,10 +551,35 @@ class ModuleTask(Task):
             rows.append(torch.cat([params[n].detach().reshape(-1).float() for n in self.names]))
         return torch.stack(rows).to(self.device)
 
+    def make_plan(self, gens):
+        seeds = super().make_plan(gens)
+        if not self.n_heldout:
+            return seeds
+        n = self.x.shape[0]
+        splits = []
+        for s in seeds:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(s, SPLIT_KEY)))
+            splits.append(RunSplit(s, perm[self.n_heldout:], perm[:self.n_heldout]))
+        return splits
+
+    def _pick(self, plan, t: int, size: int, part: str, *stream: int) -> tuple[Tensor, Tensor]:
+        """``size`` examples per instance, drawn with replacement from its own ``part``."""
+        rows = []
+        for sp in plan:
+            pool = getattr(sp, part)
+            g = torch.Generator().manual_seed(mix_seed(sp.seed, t, *stream))
+            rows.append(pool[torch.randint(0, pool.shape[0], (size,), generator=g)])
+        idx = torch.stack(rows).to(self.device)
+        return self.x[idx], self.y[idx]
+
     def batch(self, plan, t):
+        if self.n_heldout:
+            return self._pick(plan, t, self.batch_size, "train")
         return _draw(self.x, self.y, plan, t, self.batch_size, self.device)
 
     def meta_batch(self, plan, t, size):
+        if self.n_heldout:
+            return self._pick(plan, t, size, "train", META_STREAM)
         return _draw(self.x, self.y, plan, t, size, self.device, META_STREAM)
 
     def _heldout_data(self) -> tuple[Tensor, Tensor]:
@@ -540,10 +588,22 @@ class ModuleTask(Task):
         return self.x_val.to(self.device), self.y_val.to(self.device)
 
     def heldout_batch(self, plan, t, size):
-        """The validation data: the split ``autol2o fit`` selects and reports on."""
+        """Each run's own held-out part with ``holdout``; else the validation data."""
+        if self.n_heldout:
+            if size == 0 or size >= self.n_heldout:
+                idx = torch.stack([sp.heldout for sp in plan]).to(self.device)
+                return self.x[idx], self.y[idx]
+            return self._pick(plan, t, size, "heldout", HELDOUT_STREAM)
         return _heldout_draw(*self._heldout_data(), plan, t, size, self.device)
 
     def heldout_loss(self, theta, plan):
+        if self.n_heldout:  # chunks of each run's own held-out examples, weighted by size
+            idx = torch.stack([sp.heldout for sp in plan]).to(self.device)
+            total = 0.0
+            for lo in range(0, self.n_heldout, HELDOUT_CHUNK):
+                part = idx[:, lo:lo + HELDOUT_CHUNK]
+                total = total + self.loss(theta, (self.x[part], self.y[part])) * part.shape[1]
+            return total / self.n_heldout
         return _chunked_loss(self.loss, theta, *self._heldout_data())
 
     def _single(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
