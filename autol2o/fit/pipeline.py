@@ -338,29 +338,12 @@ class FitRun:
         if "fine_tune" in ph:
             f = ph["fine_tune"]
             return (load_rule(f["path"]), f["name"]) if f["used"] else (rule, name)
-        from autol2o.meta import ModuleTask, TrainConfig, meta_train, paper_recipe
+        from autol2o.meta import meta_train
         from autol2o.zoo import save_entry
 
         t0 = time.perf_counter()
-        d = self.p.data
-        # The meta-objective is the loss on examples the optimizee does not train on, since
-        # that is what the finals compare: a zoo rule meta-trained on the training loss drives
-        # it to ~0 and overfits small data (digits: validation loss 0.26 against tuned Adam's
-        # 0.12), and fine-tuning on the training loss has nothing left to improve there.  Each
-        # run holds out its own random FINE_TUNE_HOLDOUT of the training data (a fixed held-out
-        # set would be fitted by the rule's thousands of weights); the validation split is never
-        # seen by meta-training, so the finals stay an honest comparison.
-        task = ModuleTask(self.p.model.fresh, d.x_train, d.y_train, self.p.loss_fn,
-                          batch_size=cfg.batch_size, name=self.p.model.name,
-                          device=self.p.device, holdout=FINE_TUNE_HOLDOUT)
-        horizon = min(cfg.steps, FINE_TUNE_MAX_HORIZON)
-        # the rule's own meta-loss (DM: the mean over the unroll), but no tricks: they buy
-        # generality across tasks, and fine-tuning is for this one task
-        tc = TrainConfig(horizon=horizon, unroll=min(20, horizon), iterations=cfg.fine_tune,
-                         meta_loss=paper_recipe(rule.config()["rule"])["meta_loss"],
-                         meta_data="heldout", lr_schedule="cosine",
-                         batch=2, seed=cfg.seed, validate_every=max(1, cfg.fine_tune // 4),
-                         val_runs=4, checkpoint_every=max(1, cfg.fine_tune // 4))
+        task = fine_tune_task(self.p, cfg)
+        tc = fine_tune_config(cfg, rule)
         self.out.log(f"fine-tune: meta-training {name} for {cfg.fine_tune} iterations "
                      f"(horizon {tc.horizon}, unroll {tc.unroll}, {tc.batch} instances)")
         t_meta = time.perf_counter()
@@ -718,6 +701,40 @@ class FitRun:
 
 
 # -- helpers -----------------------------------------------------------------------------------
+def fine_tune_task(problem: Problem, cfg: FitConfig, holdout: float = FINE_TUNE_HOLDOUT):
+    """The user's model and training data as a meta-training task for ``--fine-tune``.
+
+    The meta-objective is the loss on examples the optimizee does not train on, since that is
+    what the finals compare: a zoo rule meta-trained on the training loss drives it to ~0 and
+    overfits small data (digits: validation loss 0.26 against tuned Adam's 0.12), and
+    fine-tuning on the training loss has nothing left to improve there.  Each run holds out its
+    own random ``holdout`` share of the training data (a fixed held-out set would be fitted by
+    the rule's thousands of weights); the validation split is never seen by meta-training, so
+    the finals stay an honest comparison.  (``holdout=0``: no held-out part, for a training-loss
+    objective, as ``benchmarks/fine_tune.py``'s control.)"""
+    from autol2o.meta import ModuleTask
+
+    d = problem.data
+    return ModuleTask(problem.model.fresh, d.x_train, d.y_train, problem.loss_fn,
+                      batch_size=cfg.batch_size, name=problem.model.name, device=problem.device,
+                      holdout=holdout)
+
+
+def fine_tune_config(cfg: FitConfig, rule, meta_data: str = "heldout"):
+    """Meta-training settings of ``--fine-tune``: runs over the whole step budget (up to
+    FINE_TUNE_MAX_HORIZON), the rule's own meta-loss (DM: the mean over the unroll) scored on
+    held-out data, and no tricks: they buy generality across tasks, and fine-tuning is for this
+    one task."""
+    from autol2o.meta import TrainConfig, paper_recipe
+
+    horizon = min(cfg.steps, FINE_TUNE_MAX_HORIZON)
+    return TrainConfig(horizon=horizon, unroll=min(20, horizon), iterations=cfg.fine_tune,
+                       meta_loss=paper_recipe(rule.config()["rule"])["meta_loss"],
+                       meta_data=meta_data, lr_schedule="cosine",
+                       batch=2, seed=cfg.seed, validate_every=max(1, cfg.fine_tune // 4),
+                       val_runs=4, checkpoint_every=max(1, cfg.fine_tune // 4))
+
+
 def paired_t(diffs: list[float], alpha: float = 0.05) -> dict[str, Any]:
     """Is a gap between two contenders more than seed noise?  A two-sided paired t-test at
     ``alpha`` on the per-seed differences d_i = loss_runner_up(seed i) - loss_winner(seed i):
