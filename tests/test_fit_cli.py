@@ -36,7 +36,7 @@ def check_run(run_dir, trials=2, n_contenders=3, task="classification"):
     assert not list(run_dir.glob(".*.tmp")), "temporary files left behind"
     r = json.loads((run_dir / "report.json").read_text())
     assert set(r) == TOP_KEYS
-    assert r["schema_version"] == 1 and r["status"] == "complete"
+    assert r["schema_version"] == 2 and r["status"] == "complete"
     assert r["inputs"]["task"] == task
     board = r["leaderboard"]
     assert len(board) == n_contenders

@@ -287,3 +287,41 @@ def test_fit_runs_on_split_image_folders(tmp_path, capsys):
     data = r["inputs"]["data"]
     assert (data["format"], data["n_train"], data["n_val"], data["split"]) == ("images", 18, 6,
                                                                                "given")
+
+
+def test_fine_tune_on_one_training_example_is_refused_before_the_run(tmp_path, capsys):
+    x, y = blobs(12)
+    (tmp_path / "d").mkdir()
+    np.savez(tmp_path / "d" / "data.npz", X=x[:1], y=y[:1], X_val=x[1:], y_val=y[1:])
+    code, _, err = run_cli(["fit", write_model(tmp_path), tmp_path / "d", *FAST,
+                            "--fine-tune", "2", "--out", tmp_path / "run"], capsys)
+    assert code == 2 and "--fine-tune needs at least 2 training examples, got 1" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_split_layout_edge_cases(tmp_path):
+    # one class to train on is refused even when val/ has two (the union used to count)
+    root = tmp_path / "one"
+    write_images(root / "train", n_per_class=3, classes=("a",))
+    write_images(root / "val", n_per_class=2, classes=("a", "b"))
+    with pytest.raises(UserError, match=r"one/train: only one class sub-folder with images \(a\)"):
+        load_data(root)
+    # capitalised split names, a val.npz-style x_valid pair, a test.npz beside train.npz
+    root = tmp_path / "caps"
+    write_images(root / "Train", n_per_class=3, classes=("a", "b"))
+    write_images(root / "Val", n_per_class=1, classes=("a", "b"))
+    (root / "Test").mkdir()
+    d = load_data(root)
+    assert (len(d.x_train), len(d.x_val)) == (6, 2) and any("Test/ found" in n for n in d.notes)
+    x, y = blobs(40)
+    (tmp_path / "n").mkdir()
+    np.savez(tmp_path / "n" / "train.npz", x_train=x[:30], y_train=y[:30], x_valid=x[30:],
+             y_valid=y[30:])
+    np.savez(tmp_path / "n" / "test.npz", x=x[:5], y=y[:5])
+    d = load_data(tmp_path / "n")
+    assert (len(d.x_train), len(d.x_val)) == (30, 10)
+    assert any(n.startswith("test.npz found: not used") for n in d.notes)
+    (tmp_path / "n" / "train.npz").unlink()
+    np.savez(tmp_path / "n" / "train.npz", X=x[:30], y=y[:30])
+    np.savez(tmp_path / "n" / "val.npz", x_val=x[30:], y_val=y[30:])
+    assert len(load_data(tmp_path / "n").x_val) == 10  # val.npz with _val names

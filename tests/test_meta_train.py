@@ -488,11 +488,12 @@ def test_heldout_batches_are_the_test_split():
     task = build_task("digits-nn-relu")
     plan = task.make_plan([torch.Generator().manual_seed(s) for s in (1, 2)])
     xt, yt, _ = load_digits("test")
-    x, y = task.heldout_batch(plan, 3, 0)  # size 0: every held-out example, for each instance
-    assert x.shape == (2, 360, 64) and torch.equal(x[1], xt) and torch.equal(y[0], yt)
+    # the meta-loss draws from the test split's first half; validation scores the second
+    x, y = task.heldout_batch(plan, 3, 0)  # size 0: every such example, for each instance
+    assert x.shape == (2, 180, 64) and torch.equal(x[1], xt[:180]) and torch.equal(y[0], yt[:180])
     x, y = task.heldout_batch(plan, 3, 50)  # a sample, per instance seed and step
     assert x.shape == (2, 50, 64) and not torch.equal(x[0], x[1])
-    test_rows = {tuple(r) for r in xt.tolist()}
+    test_rows = {tuple(r) for r in xt[:180].tolist()}
     assert all(tuple(r) in test_rows for r in x.reshape(-1, 64).tolist())
     assert torch.equal(task.heldout_batch(plan, 3, 50)[0], x)
     with pytest.raises(UserError, match="trains on the 'test' split: it has no held-out split"):
@@ -505,9 +506,14 @@ def test_heldout_loss_is_the_mean_over_every_heldout_example(monkeypatch):
     task = build_task("mlp-digits")
     gens = [torch.Generator().manual_seed(s) for s in (1, 2)]
     theta, plan = task.init_params(gens), task.make_plan(gens)
-    whole = task.loss(theta, task.heldout_batch(plan, 0, 0))
-    monkeypatch.setattr(tasks_mod, "HELDOUT_CHUNK", 100)  # 360 = 100 + 100 + 100 + 60
+    from autol2o.meta.data import load_digits
+
+    xt, yt, _ = load_digits("test")
+    second = (xt[180:].expand(2, 180, 64), yt[180:].expand(2, 180))
+    whole = task.loss(theta, second)  # validation: the half the meta-loss never draws from
+    monkeypatch.setattr(tasks_mod, "HELDOUT_CHUNK", 50)  # 180 = 50 + 50 + 50 + 30
     assert torch.allclose(task.heldout_loss(theta, plan), whole, rtol=1e-6)
+    assert not torch.allclose(whole, task.loss(theta, task.heldout_batch(plan, 0, 0)))
 
 
 def test_heldout_meta_loss_and_validation():
@@ -534,7 +540,7 @@ def test_heldout_meta_loss_and_validation():
     theta = run_learned(rule, task, task.init_params(gens), task.make_plan(gens), 10)
     assert torch.allclose(res.final_losses, task.heldout_loss(theta, None), rtol=1e-6)
     assert not torch.allclose(res.final_losses, evaluate(rule, task, 10, runs=3, seed=5).final_losses)
-    with pytest.raises(UserError, match="meta_data must be 'train' or 'heldout'"):
+    with pytest.raises(UserError, match="--meta-data must be .train. or .heldout."):
         TrainConfig(meta_data="val")
 
 
@@ -599,3 +605,33 @@ def test_module_task_holdout_splits_every_run_anew():
     with pytest.raises(UserError, match="3 examples are too few to hold out 90% of them"):
         ModuleTask(lambda: nn.Linear(4, 3), x[:3], y[:3], nn.functional.cross_entropy,
                    holdout=0.9)
+
+
+def test_heldout_scoring_is_in_eval_mode_and_tasks_without_heldout_data_refuse():
+    """fit scores validation with model.eval(): the held-out meta-objective does too (dropout
+    off), while the optimizee still trains with dropout on."""
+    from torch import nn
+
+    from autol2o.meta import ModuleTask
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(60, 5, generator=g), torch.randint(0, 3, (60,), generator=g)
+    task = ModuleTask(lambda: nn.Sequential(nn.Linear(5, 16), nn.Dropout(0.5), nn.Linear(16, 3)),
+                      x, y, nn.functional.cross_entropy, batch_size=16, holdout=0.2)
+    gens = [torch.Generator().manual_seed(1)]
+    theta, plan = task.init_params(gens), task.make_plan(gens)
+    torch.manual_seed(0)
+    a, b = task.heldout_loss(theta, plan), task.heldout_loss(theta, plan)
+    assert torch.equal(a, b) and task.model.training  # deterministic; train mode restored
+    hb = task.heldout_batch(plan, 0, 0)
+    assert torch.equal(task.loss(theta, hb), a)
+    plain = (hb[0], hb[1])  # the same examples as a training batch: dropout on
+    assert not torch.equal(task.loss(theta, plain), task.loss(theta, plain))
+    quad = build_task("quadratic")
+    qplan = quad.make_plan([torch.Generator().manual_seed(1)])
+    with pytest.raises(UserError, match="task 'quadratic' has no held-out data"):
+        quad.heldout_batch(qplan, 0, 0)
+    lstm = build_task("sin-lstm")
+    lplan = lstm.make_plan([torch.Generator().manual_seed(1)])
+    xm, _ = lstm.heldout_batch(lplan, 0, 8)
+    assert xm.shape[:2] == (1, 8) and not torch.equal(xm, lstm.batch(lplan, 0)[0][:, :8])

@@ -36,6 +36,7 @@ from .pipeline import (
     FitConfig,
     FitRun,
     Result,
+    check_fine_tune,
     new_run_dir,
     read_state,
     resolve_device,
@@ -228,6 +229,7 @@ def _run_in(problem: Problem, cfg: FitConfig, out, resume: bool, inputs: dict[st
         reporter.log(f"resuming {run_dir}")
         fr = FitRun(problem, cfg, run_dir, reporter=reporter, state=state)
     else:
+        check_fine_tune(problem, cfg)   # before the run directory exists
         cfg = pin_paths(cfg)
         if cfg.storage:  # a bad URL or unreachable database fails before the run directory exists
             from autol2o.tuning import make_storage

@@ -5,9 +5,13 @@ classification, float32 for regression), a train/validation split and a descript
 found.  Rules:
 
 * formats are tried from the most specific: ``train.csv``, ``.npz``, ``X.npy``/``y.npy``, MNIST
-  IDX files, class sub-folders of images, then a lone CSV of any name (other CSVs are noted as
-  ignored).  CSVs need a header; ``,``, ``;`` or tab separated; a byte-order mark is dropped;
-  ``val.csv`` columns are matched to ``train.csv``'s by name;
+  IDX files, ``train/<class>/`` image folders (torchvision's layout, with an optional
+  ``val/<class>/``, classes matched by name), class sub-folders of images, then a lone CSV of
+  any name (other CSVs are noted as ignored).  CSVs need a header; ``,``, ``;`` or tab
+  separated; a byte-order mark is dropped; ``val.csv`` columns are matched to ``train.csv``'s
+  by name.  Arrays are ``X``/``y`` or Keras' ``x_train``/``y_train`` (either case), with
+  ``X_val``/``y_val`` or ``X_valid``/``y_valid``; test data (``test.csv``, ``x_test``,
+  ``test/``) is noted and never used;
 * the task is ``"classification"`` when every target is an integer, else ``"regression"``
   (``MODEL.py`` may override it with ``task = ...``).  Class labels become indices ``0..K-1``:
   labels that already are ``0..K-1`` are kept, anything else (names, negative or gappy numbers
@@ -155,7 +159,7 @@ def _load_file(p: Path, target, seed, task, val_fraction) -> FitData:
             raise UserError(f"{p}: --target applies to CSV data only")
         arrays = _read_npz(p)
         x, y = _xy(arrays, p)
-        xv, yv = _xy(arrays, p, suffix="_val") if _has_val(arrays) else (None, None)
+        xv, yv = _xy(arrays, p, VAL_SUFFIXES) if _has_val(arrays) else (None, None)
         data = _finish(x, y, xv, yv, p, "npz", seed, task, val_fraction, tabular=x.ndim == 2)
         data.notes += _test_note(arrays, p.name)
         return data
@@ -244,27 +248,29 @@ def _read_npy(p: Path) -> np.ndarray:
 #: names of the training arrays, in order of preference: ``X``/``y``, or Keras' and many
 #: tutorials' ``x_train``/``y_train`` (either case)
 TRAIN_SUFFIXES = ("", "_train")
+#: names of validation arrays in the same file: ``X_val``/``y_val`` or ``X_valid``/``y_valid``
+VAL_SUFFIXES = ("_val", "_valid")
 
 
-def _xy(arrays: dict[str, np.ndarray], p: Path, suffix: str = "") -> tuple[np.ndarray, np.ndarray]:
-    """The (X, y) pair named with ``suffix``; for the training pair (no suffix) ``X_train`` and
-    ``y_train`` also count, when there is no plain ``X``/``y``."""
-    for suf in TRAIN_SUFFIXES if suffix == "" else (suffix,):
+def _xy(arrays: dict[str, np.ndarray], p: Path,
+        suffixes: tuple[str, ...] = TRAIN_SUFFIXES) -> tuple[np.ndarray, np.ndarray]:
+    """The first (X, y) pair named with one of ``suffixes`` (X or x, y or Y)."""
+    for suf in suffixes:
         xs = [k for k in (f"X{suf}", f"x{suf}") if k in arrays]
         ys = [k for k in (f"y{suf}", f"Y{suf}") if k in arrays]
         if xs and ys:
             return arrays[xs[0]], arrays[ys[0]]
         if xs or ys:  # half a pair: not silently replaced by another pair or a split
             break
-    want = "'X' and 'y' (or 'X_train' and 'y_train')" if suffix == "" else \
-        f"'X{suffix}' and 'y{suffix}'"
+    pairs = [f"'X{s}' and 'y{s}'" for s in suffixes]
+    want = pairs[0] + (f" (or {', or '.join(pairs[1:])})" if len(pairs) > 1 else "")
     raise UserError(f"{p}: expected arrays {want}, found {', '.join(sorted(arrays)) or 'none'}")
 
 
 def _has_val(arrays) -> bool:
     """Does an NPZ hold a validation split?  Any of its arrays (either case) counts, so a lone
     ``X_val`` is an error from :func:`_xy` rather than silently replaced by a random split."""
-    return any(k in arrays for k in ("X_val", "x_val", "y_val", "Y_val"))
+    return any(f"{a}{s}" in arrays for s in VAL_SUFFIXES for a in ("X", "x", "y", "Y"))
 
 
 def _test_note(names, where: str) -> list[str]:
@@ -315,11 +321,13 @@ def _load_npz_dir(p, files, seed, task, val_fraction) -> FitData:
     x, y = _xy(arrays, train)
     xv = yv = None
     if "val.npz" in npz:
-        xv, yv = _xy(_read_npz(npz["val.npz"]), npz["val.npz"])
+        xv, yv = _xy(_read_npz(npz["val.npz"]), npz["val.npz"], ("", *VAL_SUFFIXES))
     elif _has_val(arrays):
-        xv, yv = _xy(arrays, train, suffix="_val")
+        xv, yv = _xy(arrays, train, VAL_SUFFIXES)
     data = _finish(x, y, xv, yv, train, "npz", seed, task, val_fraction, tabular=x.ndim == 2)
     data.notes += _test_note(arrays, train.name)
+    if "test.npz" in npz and train.name != "test.npz":
+        data.notes.append("test.npz found: not used (selection uses the validation split only)")
     return data
 
 
@@ -403,6 +411,8 @@ def _read_images(root: Path, classes: list[str], index: dict[str, int],
     first image's, or ``size`` when given: validation images must match the training ones)."""
     from PIL import Image, UnidentifiedImageError
 
+    first = "" if size is None else "training "
+
     arrs, labels = [], []
     for c in classes:
         for f in _image_files(root / c):
@@ -412,7 +422,7 @@ def _read_images(root: Path, classes: list[str], index: dict[str, int],
                         size = im.size
                     if im.size != size:
                         raise UserError(f"{f}: image size {im.size[0]}x{im.size[1]} differs from "
-                                        f"{size[0]}x{size[1]} of the first image")
+                                        f"{size[0]}x{size[1]} of the first {first}image")
                     arrs.append(_image_array(im))
             except (UnidentifiedImageError, OSError) as e:
                 raise UserError(f"{f}: cannot read image ({type(e).__name__})") from None
@@ -446,29 +456,34 @@ def _load_image_folder(p, subdirs, seed, task, val_fraction) -> FitData:
 VAL_DIRS = ("val", "valid", "validation")
 
 
+def _subdirs(p: Path, names: tuple[str, ...]) -> list[Path]:
+    """Sub-folders of ``p`` named one of ``names``, in any case (``Train/``, ``VAL/``)."""
+    return sorted(d for d in p.iterdir() if d.is_dir() and d.name.lower() in names)
+
+
 def _split_image_root(p: Path) -> Path | None:
     """``p/train`` when ``p`` holds ``train/<class>/*.png`` (a split layout), else None.  A
     ``train`` folder that holds images itself is a class named "train", not a split."""
-    train = p / "train"
-    if not train.is_dir() or _images_in(train):
+    trains = _subdirs(p, ("train",))
+    if len(trains) != 1 or _images_in(trains[0]):
         return None
-    return train if any(d.is_dir() and _images_in(d) for d in train.iterdir()) else None
+    return trains[0] if _class_folders(trains[0])[0] else None
 
 
 def _load_split_image_folders(p, seed, task, val_fraction) -> FitData:
     """``train/<class>/`` with optional ``val/<class>/`` (or valid/, validation/): class folders
     are matched by name, so a class missing from one split keeps its index."""
-    train = p / "train"
-    vals = [p / n for n in VAL_DIRS if (p / n).is_dir()]
+    train = _split_image_root(p)
+    vals = _subdirs(p, VAL_DIRS)
     if len(vals) > 1:
         raise UserError(f"{p}: several validation folders ({', '.join(v.name for v in vals)}); "
                         "keep one")
     classes, empty = _class_folders(train)
+    if len(classes) < 2:  # what the model trains on; validation-only classes do not count
+        raise UserError(f"{train}: only one class sub-folder with images ({classes[0]}); "
+                        "classification needs at least 2")
     val_classes, val_empty = _class_folders(vals[0]) if vals else ([], [])
     every = sorted(set(classes) | set(val_classes))
-    if len(every) < 2:
-        raise UserError(f"{train}: only one class sub-folder with images ({every[0]}); "
-                        "classification needs at least 2")
     index = {c: i for i, c in enumerate(every)}
     arrs, y, size = _read_images(train, classes, index, None)
     xv = yv = None
@@ -494,8 +509,9 @@ def _load_split_image_folders(p, seed, task, val_fraction) -> FitData:
         if folder is not None and names:
             data.notes.append(f"ignored sub-folders of {folder.name}/ without images: "
                               f"{', '.join(names)}")
-    if (p / "test").is_dir():
-        data.notes.append("test/ found: not used (selection uses the validation split only)")
+    for test in _subdirs(p, ("test",)):
+        data.notes.append(f"{test.name}/ found: not used (selection uses the validation split "
+                          "only)")
     return data
 
 

@@ -9,7 +9,8 @@ Phases (each resumable from the run directory's ``state.json`` and the Optuna st
    :class:`autol2o.meta.ModuleTask` of the user's model and data, N meta-iterations; the result is
    saved with :func:`autol2o.zoo.save_entry` in ``RUN/fine-tuned/`` and used if a full-length
    run with it is not worse than with the original; the meta-objective is the loss on a random
-   20% of the training data each run holds out (never the validation split);
+   20% (at most 2048 examples) of the training data that each run holds out (meta-training
+   never sees the validation split);
 3. **baselines**: one Optuna study per baseline (Adam, SGD), ``trials`` finished trials each, each
    trial the full ``steps`` budget (see :mod:`autol2o.tuning`);
 4. **finals**: the learned optimizer and each baseline's best configuration, ``seeds`` fresh
@@ -374,7 +375,7 @@ class FitRun:
         self.timings["fine_tune"] = time.perf_counter() - t0 + earlier
         ph["fine_tune"] = {
             "name": ft_name, "path": str(path), "iterations": cfg.fine_tune,
-            # meta-training unrolls + its validation runs + the two probe runs
+            # meta-training unrolls + its validation runs + the two full-length runs
             "optimizee_steps": _meta_steps(res.history, tc.horizon, tc.unroll) * tc.batch
             + n_val * tc.val_runs * tc.horizon + r_old.steps_run + r_new.steps_run,
             "diverged_runs": res.diverged, "best_val": res.best_val,
@@ -708,10 +709,11 @@ def fine_tune_task(problem: Problem, cfg: FitConfig, holdout: float = FINE_TUNE_
     what the finals compare: a zoo rule meta-trained on the training loss drives it to ~0 and
     overfits small data (digits: validation loss 0.26 against tuned Adam's 0.12), and
     fine-tuning on the training loss has nothing left to improve there.  Each run holds out its
-    own random ``holdout`` share of the training data (a fixed held-out set would be fitted by
-    the rule's thousands of weights); the validation split is never seen by meta-training, so
-    the finals stay an honest comparison.  (``holdout=0``: no held-out part, for a training-loss
-    objective, as ``benchmarks/fine_tune.py``'s control.)"""
+    own random ``holdout`` share of the training data (at most 2048 examples; a fixed held-out
+    set would be fitted by the rule's thousands of weights); meta-training never sees the
+    validation split (only the keep-or-discard check afterwards does, as the race does).
+    ``holdout=0``: no held-out part, for a training-loss objective (``benchmarks/fine_tune.py``'s
+    control)."""
     from autol2o.meta import ModuleTask
 
     d = problem.data
@@ -720,17 +722,29 @@ def fine_tune_task(problem: Problem, cfg: FitConfig, holdout: float = FINE_TUNE_
                       holdout=holdout)
 
 
+def check_fine_tune(problem: Problem, cfg: FitConfig) -> None:
+    """Refuse ``--fine-tune`` on too little training data before anything runs."""
+    n = len(problem.data.x_train)
+    if cfg.fine_tune > 0 and n < 2:  # ModuleTask holds out max(1, 20%) and trains on the rest
+        raise UserError(f"--fine-tune needs at least 2 training examples, got {n}: each "
+                        f"fine-tuning run holds out {FINE_TUNE_HOLDOUT:.0%} of them (at least "
+                        "one) and trains on the rest")
+
+
 def fine_tune_config(cfg: FitConfig, rule, meta_data: str = "heldout"):
     """Meta-training settings of ``--fine-tune``: runs over the whole step budget (up to
     FINE_TUNE_MAX_HORIZON), the rule's own meta-loss (DM: the mean over the unroll) scored on
     held-out data, and no tricks: they buy generality across tasks, and fine-tuning is for this
-    one task."""
+    one task.  Each scored step sees up to 4 minibatches' worth of held-out examples per run
+    (all of them on small data): scoring thousands, with the graph kept for the meta-gradient,
+    can exhaust memory on a CNN that trains fine at its batch size."""
     from autol2o.meta import TrainConfig, paper_recipe
 
     horizon = min(cfg.steps, FINE_TUNE_MAX_HORIZON)
     return TrainConfig(horizon=horizon, unroll=min(20, horizon), iterations=cfg.fine_tune,
                        meta_loss=paper_recipe(rule.config()["rule"])["meta_loss"],
-                       meta_data=meta_data, lr_schedule="cosine",
+                       meta_data=meta_data, meta_batch_size=4 * cfg.batch_size,
+                       lr_schedule="cosine",
                        batch=2, seed=cfg.seed, validate_every=max(1, cfg.fine_tune // 4),
                        val_runs=4, checkpoint_every=max(1, cfg.fine_tune // 4))
 

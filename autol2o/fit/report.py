@@ -2,9 +2,12 @@
 ``curves.png`` and the winner's weights.  Every file is written to a temporary name and renamed,
 so an interrupted run never leaves a half-written file.
 
-``report.json`` schema, ``schema_version`` 1 (losses are ``null`` where a run diverged)::
+``report.json`` schema, ``schema_version`` 2 (losses are ``null`` where a run diverged).
+Version 2 (stop 14): ``verdict.noise``/``p_value`` come from a paired t-test over the shared seeds
+(1: Welch's unpaired test), and ``fine_tune`` meta-trains on held-out loss with
+``probe_val_loss_*`` from full-length runs (1: the training loss, 10% probes)::
 
-    schema_version   int, 1
+    schema_version   int, 2
     status           "complete" | "interrupted" | "failed" (partial: later sections may be
                      empty; a failed run's verdict.summary is "failed: <the error>")
     autol2o_version, created, finished (ISO time), run_dir, device
@@ -21,9 +24,10 @@ so an interrupted run never leaves a half-written file.
                              load: {name, error, val_loss null, diverged, steps 0, wall_time})
     fine_tune        null | {name, path, iterations, optimizee_steps, diverged_runs,
                              best_val (the meta-validation score: the mean loss, on the 20%
-                             of the training data each run held out, of fresh models trained
-                             by the optimizer on the rest for min(steps, 1000) steps; the
-                             validation split is never used by fine-tuning),
+                             (at most 2048 examples) of the training data each run held out,
+                             of fresh models trained by the optimizer on the rest for
+                             min(steps, 1000) steps; meta-training never sees the validation
+                             split),
                              best_iteration (0: the starting weights stayed best),
                              probe_val_loss_before, probe_val_loss_after (validation loss after
                              a full --steps run from the --seed init, with the picked and with
@@ -80,7 +84,7 @@ from torch import nn
 
 from autol2o.atomic import atomic_write_bytes, atomic_write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def save_weights(model: nn.Module, path: Path) -> None:

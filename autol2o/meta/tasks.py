@@ -104,14 +104,15 @@ class Task:
     def heldout_batch(self, plan: Any, t: int, size: int) -> Any:
         """Examples the optimizee never trains on, for the generalization meta-objective
         (``TrainConfig.meta_data = "heldout"``): every held-out example when ``size`` is 0 or
-        covers them, else ``size`` of them drawn per instance at step t.  Default, for tasks
-        without a finite training set: a fresh meta batch (the sin-LSTM draws new waves every
-        step, so unseen waves are held out; the quadratic is one fixed problem)."""
-        return self.meta_batch(plan, t, size or HELDOUT_DEFAULT)
+        covers them, else ``size`` of them drawn per instance at step t.  Tasks without held-out
+        data (the quadratic is one fixed problem) refuse."""
+        raise UserError(f"task {self.name!r} has no held-out data for --meta-data heldout")
 
     def heldout_loss(self, theta: Tensor, plan: Any) -> Tensor:
-        """Per-instance loss ``(B,)`` over every held-out example (validation of a rule trained
-        with ``meta_data = "heldout"``)."""
+        """Per-instance loss ``(B,)`` over the held-out examples that validation scores (a rule
+        trained with ``meta_data = "heldout"``); kept apart from those :meth:`heldout_batch`
+        draws where the held-out data is a fixed set, so validation is not scored on examples
+        the rule was meta-trained against."""
         return self.loss(theta, self.heldout_batch(plan, 0, 0))
 
     def loss(self, theta: Tensor, batch: Any) -> Tensor:
@@ -157,16 +158,23 @@ class _DatasetTask(Task):
         x, y, _ = load_dataset(self.spec["dataset"], self.data_dir, "test")
         return x, y
 
-    def _heldout_data(self) -> tuple[Tensor, Tensor]:
+    def _heldout_data(self, part: str) -> tuple[Tensor, Tensor]:
+        """The held-out split's first half (``part="meta"``: what the meta-loss is scored on) or
+        its second half (``"val"``: what validation scores).  A rule meta-trained against a
+        fixed set of examples learns to fit them (``benchmarks/README.md``: validation 0.08 on
+        the set it was trained against, 0.13-0.15 on other data), so validation must not reuse
+        them."""
         if self._heldout is None:  # read on first use: most tasks never need it
             self._heldout = tuple(a.to(self.device) for a in self._load_heldout())
-        return self._heldout
+        x, y = self._heldout
+        half = x.shape[0] // 2
+        return (x[:half], y[:half]) if part == "meta" else (x[half:], y[half:])
 
     def heldout_batch(self, plan: list[int], t: int, size: int) -> tuple[Tensor, Tensor]:
-        return _heldout_draw(*self._heldout_data(), plan, t, size, self.device)
+        return _heldout_draw(*self._heldout_data("meta"), plan, t, size, self.device)
 
     def heldout_loss(self, theta: Tensor, plan: list[int]) -> Tensor:
-        return _chunked_loss(self.loss, theta, *self._heldout_data())
+        return _chunked_loss(self.loss, theta, *self._heldout_data("val"))
 
     def to(self, device):
         super().to(device)
@@ -190,6 +198,13 @@ META_STREAM = 0x4D42
 HELDOUT_STREAM = 0x484F
 #: held-out examples per instance for tasks that draw fresh data (sin-LSTM) when no size is given
 HELDOUT_DEFAULT = 1024
+
+
+class HeldoutBatch(tuple):
+    """A held-out ``(x, y)`` batch: :class:`ModuleTask` scores it with the model in eval mode
+    (dropout off, batch-norm on running statistics), as ``autol2o fit`` scores validation."""
+
+    __slots__ = ()
 #: held-out examples per loss call in :func:`_chunked_loss` (MNIST's 10,000 test images times B
 #: instances would otherwise be materialised at once)
 HELDOUT_CHUNK = 2048
@@ -400,6 +415,14 @@ class SinLSTMTask(Task):
     def meta_batch(self, plan: list[int], t: int, size: int) -> tuple[Tensor, Tensor]:
         return self._waves(plan, t, size, META_STREAM)
 
+    def heldout_batch(self, plan: list[int], t: int, size: int) -> tuple[Tensor, Tensor]:
+        """Fresh waves (every wave is new: none was trained on)."""
+        return self._waves(plan, t, size or HELDOUT_DEFAULT, HELDOUT_STREAM)
+
+    def heldout_loss(self, theta: Tensor, plan: list[int]) -> Tensor:
+        # another stream than the meta-loss's (which draws at steps t >= 1 of HELDOUT_STREAM)
+        return self.loss(theta, self._waves(plan, 0, HELDOUT_DEFAULT, HELDOUT_STREAM, 1))
+
     def _waves(self, plan: list[int], t: int, size: int, *stream: int) -> tuple[Tensor, Tensor]:
         xs, ys = [], []
         k = torch.arange(self.seq_len + 1, dtype=torch.float32)
@@ -558,7 +581,8 @@ class ModuleTask(Task):
         n = self.x.shape[0]
         splits = []
         for s in seeds:
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(s, SPLIT_KEY)))
+            g = torch.Generator().manual_seed(mix_seed(s, SPLIT_KEY, 0))  # 3 keys: never a (s, t)
+            perm = torch.randperm(n, generator=g)
             splits.append(RunSplit(s, perm[self.n_heldout:], perm[:self.n_heldout]))
         return splits
 
@@ -588,13 +612,15 @@ class ModuleTask(Task):
         return self.x_val.to(self.device), self.y_val.to(self.device)
 
     def heldout_batch(self, plan, t, size):
-        """Each run's own held-out part with ``holdout``; else the validation data."""
+        """Each run's own held-out part with ``holdout`` (fresh per run, so the same examples
+        serve meta-loss and validation runs without being fitted); else the validation data.
+        Scored with the model in eval mode (:class:`HeldoutBatch`)."""
         if self.n_heldout:
             if size == 0 or size >= self.n_heldout:
                 idx = torch.stack([sp.heldout for sp in plan]).to(self.device)
-                return self.x[idx], self.y[idx]
-            return self._pick(plan, t, size, "heldout", HELDOUT_STREAM)
-        return _heldout_draw(*self._heldout_data(), plan, t, size, self.device)
+                return HeldoutBatch((self.x[idx], self.y[idx]))
+            return HeldoutBatch(self._pick(plan, t, size, "heldout", HELDOUT_STREAM))
+        return HeldoutBatch(_heldout_draw(*self._heldout_data(), plan, t, size, self.device))
 
     def heldout_loss(self, theta, plan):
         if self.n_heldout:  # chunks of each run's own held-out examples, weighted by size
@@ -602,9 +628,11 @@ class ModuleTask(Task):
             total = 0.0
             for lo in range(0, self.n_heldout, HELDOUT_CHUNK):
                 part = idx[:, lo:lo + HELDOUT_CHUNK]
-                total = total + self.loss(theta, (self.x[part], self.y[part])) * part.shape[1]
+                batch = HeldoutBatch((self.x[part], self.y[part]))
+                total = total + self.loss(theta, batch) * part.shape[1]
             return total / self.n_heldout
-        return _chunked_loss(self.loss, theta, *self._heldout_data())
+        return _chunked_loss(lambda th, b: self.loss(th, HeldoutBatch(b)), theta,
+                             *self._heldout_data())
 
     def _single(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
         buffers = dict(self.model.named_buffers())
@@ -612,6 +640,12 @@ class ModuleTask(Task):
         return self.loss_fn(out, y)
 
     def loss(self, theta, batch):
+        if isinstance(batch, HeldoutBatch) and self.model.training:
+            self.model.eval()
+            try:
+                return self.loss(theta, batch)
+            finally:
+                self.model.train()
         x, y = batch
         params = unflatten(theta, self.layout)
         if self._use_vmap:

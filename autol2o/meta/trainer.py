@@ -63,6 +63,11 @@ def paper_recipe(rule_name: str) -> dict[str, Any]:
             "random_scaling": 3.0 if paper else 0.0, "convex_combination": paper}
 
 
+#: held-out examples per instance the meta-loss is scored on with ``meta_data="heldout"`` and
+#: ``meta_batch_size`` 0
+HELDOUT_META_BATCH = 1024
+
+
 @dataclass
 class TrainConfig:
     """Meta-training hyperparameters: the paper's horizon, unroll and meta-optimizer.  The fields
@@ -95,11 +100,14 @@ class TrainConfig:
     #: minibatches.  Tasks without sampled data (the quadratic) ignore it
     meta_batch_size: int = 0
     #: what the meta-loss is scored on: "train" (the training split, as in both papers: the rule
-    #: learns to minimise the training loss fast) or "heldout" (the dataset's held-out split, a
-    #: fit's validation data: the rule learns to minimise the loss on unseen examples, which is
-    #: what ``autol2o fit`` selects and reports on; a rule that drives the training loss to 0
-    #: overfits small datasets).  With "heldout", ``meta_batch_size`` examples are drawn from
-    #: it (0: all of them) and validation scores the held-out loss at the final parameters
+    #: learns to minimise the training loss fast) or "heldout" (examples the optimizee does not
+    #: train on: the first half of the dataset's test split, fresh sin-LSTM waves, or a
+    #: ModuleTask's per-run held-out part: the rule learns to minimise the loss on unseen
+    #: examples, which is what ``autol2o fit`` selects and reports on; a rule that drives the
+    #: training loss to 0 overfits small datasets).  With "heldout", ``meta_batch_size`` examples
+    #: (0: HELDOUT_META_BATCH, or all if there are fewer) are scored per instance, and
+    #: validation scores the held-out loss at the final parameters on other held-out examples
+    #: (the test split's second half; fresh waves; the validation runs' own held-out parts)
     meta_data: str = "train"
     #: meta-train on log(loss) instead of the loss: with several tasks, one whose loss is 50x
     #: larger (an MLP's cross-entropy beside a regression's MSE) otherwise dominates the
@@ -127,7 +135,7 @@ class TrainConfig:
         if self.meta_loss not in ("last", "mean"):
             raise UserError(f"meta_loss must be 'last' or 'mean', got {self.meta_loss!r}")
         if self.meta_data not in ("train", "heldout"):
-            raise UserError(f"meta_data must be 'train' or 'heldout', got {self.meta_data!r}")
+            raise UserError(f"--meta-data must be 'train' or 'heldout', got {self.meta_data!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise UserError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         for name, low in (("horizon", 1), ("unroll", 1), ("iterations", 1), ("batch", 1),
@@ -317,8 +325,11 @@ class _Run:
                 # d loss / d theta only (not through the rule): the gradient fed to the rule
                 (grad,) = torch.autograd.grad(loss.sum(), theta, retain_graph=True)
                 if meta_data == "heldout":
+                    # bounded by default: all of MNIST's held-out images for B instances, with
+                    # the graph kept for the meta-gradient, would not fit in memory
+                    size = meta_batch_size or HELDOUT_META_BATCH
                     terms.append(self.objective.loss(
-                        theta, self.task.heldout_batch(self.plan, self.t, meta_batch_size)))
+                        theta, self.task.heldout_batch(self.plan, self.t, size)))
                 elif meta_batch_size:
                     terms.append(self.objective.loss(
                         theta, self.task.meta_batch(self.plan, self.t, meta_batch_size)))
