@@ -56,10 +56,25 @@ def lr_label(lr: float, grid: list[float] | None = None) -> str:
     return label + (" (grid edge)" if grid and lr in (grid[0], grid[-1]) else "")
 
 
+#: Adam rates given with ``--adam-lr STEPS=LR,...``: those sections evaluate Adam at that rate
+#: instead of tuning it again (for scoring a new entry against rates an earlier full run tuned)
+GIVEN_LR: dict[int, float] = {}
+
+
+def given(steps: int) -> str:
+    """What a section header says when its Adam rate was given, not tuned here."""
+    return " (given with --adam-lr: tuned on this grid by an earlier run)" if steps in GIVEN_LR else ""
+
+
 def tune_adam(task, steps: int, runs: int, grid: list[float], log) -> tuple[float, object]:
     """Best Adam learning rate on ``grid`` by mean final loss (diverged runs disqualify a rate).
     Tuned on the evaluation seeds themselves (seed 0), as every committed zoo_eval table was: this
-    favours Adam slightly, never the learned optimizers."""
+    favours Adam slightly, never the learned optimizers.  With ``--adam-lr`` for these steps,
+    Adam is evaluated at the given rate only."""
+    if steps in GIVEN_LR:
+        lr = GIVEN_LR[steps]
+        log(f"  adam at the given lr {lr:.5g} (--adam-lr)")
+        return lr, evaluate(baseline("adam", lr), task, steps, runs, seed=0)
     lr, results = tune_lr(lambda lr: baseline("adam", lr), task, steps, grid, runs, seed=0,
                           log=log)
     return lr, results[lr]
@@ -90,7 +105,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "zoo_eval.md")
     ap.add_argument("--no-card-update", action="store_true")
+    ap.add_argument("--adam-lr", default="",
+                    help="STEPS=LR,...: evaluate Adam at these rates instead of tuning it (the "
+                         "rates an earlier full run found), e.g. 100=0.0441942,2000=0.0110485")
     args = ap.parse_args()
+    for item in filter(None, args.adam_lr.split(",")):
+        steps, lr = item.split("=")
+        GIVEN_LR[int(steps)] = float(lr)
     torch.set_num_threads(args.threads)
     sections = {int(s) for s in args.sections.split(",")}
 
@@ -118,7 +139,8 @@ def main() -> None:
         lr, best = tune_adam(sig, 100, args.runs, FULL_GRID, log)
         md += ["## 1. mnist-nn-sigmoid (MLP 784-20-10 sigmoid), 100 steps", "",
                f"{args.runs} runs; Adam grid 2^-12..2^0 (25 rates); best Adam lr = "
-               f"{lr_label(lr, FULL_GRID)} = {lr:.5g}.  Bar: rnnprop-mnist <= 0.8x best Adam.", "",
+               f"{lr_label(lr, FULL_GRID)} = {lr:.5g}{given(100)}.  Bar: rnnprop-mnist <= 0.8x best "
+               "Adam.", "",
                "| optimizer | final loss | ratio to best Adam | diverged |", "|---|---|---|---|",
                f"| Adam (best lr {lr_label(lr)}) | {fmt(best)} | 1.00 | {best.diverged} |"]
         for name, rule in entries.items():
@@ -136,8 +158,9 @@ def main() -> None:
         lr, best = tune_adam(sig, steps, args.runs, grid, log)
         md += [f"## 2. mnist-nn-sigmoid, {steps} steps (horizon generalization)", "",
                f"{args.runs} runs; Adam grid {lr_label(grid[0])}..{lr_label(grid[-1])} "
-               f"({len(grid)} rates, around the paper's best 2^-6); best Adam lr = {lr_label(lr, grid)}."
-               "  Bar: no run diverges and loss <= best Adam.", "",
+               f"({len(grid)} rates, around the paper's best 2^-6); best Adam lr = "
+               f"{lr_label(lr, grid)}{given(steps)}.  Bar: no run diverges and loss <= best Adam.",
+               "",
                "| optimizer | final loss | ratio to best Adam | diverged |", "|---|---|---|---|",
                f"| Adam (best lr {lr_label(lr)}) | {fmt(best)} | 1.00 | {best.diverged} |"]
         for name, rule in entries.items():
@@ -188,8 +211,8 @@ def main() -> None:
         lr, best = tune_adam(sig, steps, args.runs, grid, log)
         md += [f"## 4. mnist-nn-sigmoid, {steps} steps (stability at the paper's longest horizon)",
                "", f"{args.runs} runs; Adam grid {lr_label(grid[0])}..{lr_label(grid[-1])} "
-               f"({len(grid)} rates around the paper's best 2^-7); best Adam lr = {lr_label(lr, grid)}."
-               "  Bar: no run diverges.", "",
+               f"({len(grid)} rates around the paper's best 2^-7); best Adam lr = "
+               f"{lr_label(lr, grid)}{given(steps)}.  Bar: no run diverges.", "",
                "| optimizer | final loss | worst run | ratio to best Adam | diverged |",
                "|---|---|---|---|---|",
                f"| Adam (best lr {lr_label(lr)}) | {fmt(best)} | "
