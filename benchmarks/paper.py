@@ -4,9 +4,9 @@ Every experiment runs the authors' protocol (:func:`autol2o.meta.evaluate`): eac
 the same initial parameters and the same minibatches; the reported loss is the mean over the N
 minibatches of the loss at the final parameters, averaged over ``--runs`` runs (mean and std).
 
-Contenders: the zoo's learned optimizers (``rnnprop-mnist``, ``rnnprop-mix``, ``dm-mnist``; or
-the entries given with ``--learned NAME_OR_DIR ...``) with no tuning at all, and Adam, RMSProp,
-SGD and NAG (momentum 0.9), each tuned over the paper's
+Contenders: the zoo's learned optimizers (``rnnprop-mnist-v2``, ``rnnprop-mnist``,
+``rnnprop-mix``, ``dm-mnist``; or the entries given with ``--learned NAME_OR_DIR ...``) with no
+tuning at all, and Adam, RMSProp, SGD and NAG (momentum 0.9), each tuned over the paper's
 learning-rate grid 2^-12, 2^-11.5, ..., 2^0 (powers of sqrt 2).  Tuning uses *other* seeds than
 the final evaluation (a coarse pass over powers of 2, then the sqrt(2) neighbours of the best;
 quick mode: powers of 4, then 2, then sqrt 2), so the baselines' numbers are not inflated by
@@ -52,7 +52,7 @@ from autol2o.meta.tasks import preset_spec
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-LEARNED = ["rnnprop-mnist", "rnnprop-mix", "dm-mnist"]
+LEARNED = ["rnnprop-mnist-v2", "rnnprop-mnist", "rnnprop-mix", "dm-mnist"]
 BASELINES = ["adam", "rmsprop", "sgd", "nag"]
 GRID = sqrt2_grid()  # 2^-12 .. 2^0 in powers of sqrt(2)
 
