@@ -16,7 +16,7 @@ from autol2o import DMOptimizer, RNNprop
 from autol2o.zoo import list_entries, load_entry, save_entry, shipped_root
 
 REPO = Path(__file__).resolve().parents[1]
-EXPECTED = {"rnnprop-mnist": RNNprop, "dm-mnist": DMOptimizer, "rnnprop-mix": RNNprop,
+EXPECTED = {"rnnprop-mnist": RNNprop, "rnnprop-mnist-v2": RNNprop, "dm-mnist": DMOptimizer, "rnnprop-mix": RNNprop,
             "rnnprop-long": RNNprop}
 
 
