@@ -16,8 +16,8 @@ from autol2o import DMOptimizer, RNNprop
 from autol2o.zoo import list_entries, load_entry, save_entry, shipped_root
 
 REPO = Path(__file__).resolve().parents[1]
-EXPECTED = {"rnnprop-mnist": RNNprop, "rnnprop-mnist-v2": RNNprop, "dm-mnist": DMOptimizer, "rnnprop-mix": RNNprop,
-            "rnnprop-long": RNNprop}
+EXPECTED = {"rnnprop-mnist": RNNprop, "rnnprop-mnist-v2": RNNprop, "dm-mnist": DMOptimizer,
+            "rnnprop-mix": RNNprop, "rnnprop-long": RNNprop}
 
 
 def test_shipped_entries_load_and_verify(tmp_path):

@@ -187,8 +187,9 @@ def train_cmd(
     meta_data: Annotated[str, typer.Option(
         "--meta-data",
         help="Score the meta-loss on 'train' (the paper: fast training loss) or 'heldout' "
-             "examples of the dataset's test split (a rule for low validation loss; "
-             "--meta-batch-size of them per scored step, 0: all).")] = "train",
+             "examples (the first half of the dataset's test split; fresh sin-LSTM waves): a "
+             "rule for low validation loss. --meta-batch-size of them per scored step (0: "
+             "1024); validation scores the test split's other half.")] = "train",
     log_loss: Annotated[bool, typer.Option(
         "--log-loss/--no-log-loss",
         help="Meta-train on log(loss), so tasks on different loss scales weigh alike.")] = False,

@@ -120,10 +120,10 @@ def load_data(path: str | Path | None, *, target: str | None = None, seed: int =
         data = _load_npy_dir(p, names, seed, task, val_fraction)
     elif any("idx" in f.name and (f.name.endswith(".gz") or "ubyte" in f.name) for f in files):
         data = _load_idx_dir(p, files, seed, task, val_fraction)
-    elif _split_image_root(p) is not None:
-        data = _load_split_image_folders(p, seed, task, val_fraction)
+    elif (train_root := _split_image_root(p)) is not None:
+        data = _load_split_image_folders(p, train_root, seed, task, val_fraction)
     elif any(d.is_dir() and _images_in(d) for d in files):
-        data = _load_image_folder(p, [f for f in files if f.is_dir()], seed, task, val_fraction)
+        data = _load_image_folder(p, seed, task, val_fraction)
     elif any(f.suffix == ".csv" for f in files):
         data = _load_csv_dir(p, files, target, seed, task, val_fraction)
     else:
@@ -435,7 +435,7 @@ def _stack_images(arrs: list[np.ndarray], rgb: bool) -> np.ndarray:
     return np.stack([np.repeat(a, 3, axis=0) if rgb and a.shape[0] == 1 else a for a in arrs])
 
 
-def _load_image_folder(p, subdirs, seed, task, val_fraction) -> FitData:
+def _load_image_folder(p, seed, task, val_fraction) -> FitData:
     classes, empty = _class_folders(p)
     if not classes:
         raise UserError(f"{p}: image folder has class sub-folders but no PNG/JPEG files")
@@ -470,10 +470,10 @@ def _split_image_root(p: Path) -> Path | None:
     return trains[0] if _class_folders(trains[0])[0] else None
 
 
-def _load_split_image_folders(p, seed, task, val_fraction) -> FitData:
-    """``train/<class>/`` with optional ``val/<class>/`` (or valid/, validation/): class folders
-    are matched by name, so a class missing from one split keeps its index."""
-    train = _split_image_root(p)
+def _load_split_image_folders(p, train: Path, seed, task, val_fraction) -> FitData:
+    """``train/<class>/`` (``train``, found by :func:`_split_image_root`) with optional
+    ``val/<class>/`` (or valid/, validation/): class folders are matched by name, so a class
+    missing from one split keeps its index."""
     vals = _subdirs(p, VAL_DIRS)
     if len(vals) > 1:
         raise UserError(f"{p}: several validation folders ({', '.join(v.name for v in vals)}); "

@@ -196,7 +196,9 @@ class _DatasetTask(Task):
 META_STREAM = 0x4D42
 #: the same for held-out batches smaller than the held-out split
 HELDOUT_STREAM = 0x484F
-#: held-out examples per instance for tasks that draw fresh data (sin-LSTM) when no size is given
+#: held-out examples per instance when no size is given: the meta-loss's default with
+#: ``meta_data="heldout"`` (all of MNIST's held-out images for B instances, with the graph kept
+#: for the meta-gradient, would not fit in memory) and the sin-LSTM's fresh validation waves
 HELDOUT_DEFAULT = 1024
 
 
@@ -609,7 +611,7 @@ class ModuleTask(Task):
     def _heldout_data(self) -> tuple[Tensor, Tensor]:
         if self.x_val is None or self.y_val is None:
             raise UserError(f"ModuleTask {self.name!r} has no validation data")
-        return self.x_val.to(self.device), self.y_val.to(self.device)
+        return self.x_val, self.y_val  # on self.device: to() moves them
 
     def heldout_batch(self, plan, t, size):
         """Each run's own held-out part with ``holdout`` (fresh per run, so the same examples
@@ -623,14 +625,8 @@ class ModuleTask(Task):
         return HeldoutBatch(_heldout_draw(*self._heldout_data(), plan, t, size, self.device))
 
     def heldout_loss(self, theta, plan):
-        if self.n_heldout:  # chunks of each run's own held-out examples, weighted by size
-            idx = torch.stack([sp.heldout for sp in plan]).to(self.device)
-            total = 0.0
-            for lo in range(0, self.n_heldout, HELDOUT_CHUNK):
-                part = idx[:, lo:lo + HELDOUT_CHUNK]
-                batch = HeldoutBatch((self.x[part], self.y[part]))
-                total = total + self.loss(theta, batch) * part.shape[1]
-            return total / self.n_heldout
+        if self.n_heldout:  # each run's own held-out part: at most HOLDOUT_MAX examples, one call
+            return super().heldout_loss(theta, plan)
         return _chunked_loss(lambda th, b: self.loss(th, HeldoutBatch(b)), theta,
                              *self._heldout_data())
 

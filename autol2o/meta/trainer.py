@@ -46,7 +46,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..optimizers.base import LearnedRule, State
 from .evaluate import evaluate, loss_and_grad
-from .tasks import Task, convex_term, generators, mix_seed
+from .tasks import HELDOUT_DEFAULT, Task, convex_term, generators, mix_seed
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -61,11 +61,6 @@ def paper_recipe(rule_name: str) -> dict[str, Any]:
     paper = rule_name == "rnnprop"
     return {"meta_loss": "mean" if rule_name == "dm" else "last",
             "random_scaling": 3.0 if paper else 0.0, "convex_combination": paper}
-
-
-#: held-out examples per instance the meta-loss is scored on with ``meta_data="heldout"`` and
-#: ``meta_batch_size`` 0
-HELDOUT_META_BATCH = 1024
 
 
 @dataclass
@@ -105,7 +100,7 @@ class TrainConfig:
     #: ModuleTask's per-run held-out part: the rule learns to minimise the loss on unseen
     #: examples, which is what ``autol2o fit`` selects and reports on; a rule that drives the
     #: training loss to 0 overfits small datasets).  With "heldout", ``meta_batch_size`` examples
-    #: (0: HELDOUT_META_BATCH, or all if there are fewer) are scored per instance, and
+    #: (0: tasks.HELDOUT_DEFAULT, or all if there are fewer) are scored per instance, and
     #: validation scores the held-out loss at the final parameters on other held-out examples
     #: (the test split's second half; fresh waves; the validation runs' own held-out parts)
     meta_data: str = "train"
@@ -325,9 +320,7 @@ class _Run:
                 # d loss / d theta only (not through the rule): the gradient fed to the rule
                 (grad,) = torch.autograd.grad(loss.sum(), theta, retain_graph=True)
                 if meta_data == "heldout":
-                    # bounded by default: all of MNIST's held-out images for B instances, with
-                    # the graph kept for the meta-gradient, would not fit in memory
-                    size = meta_batch_size or HELDOUT_META_BATCH
+                    size = meta_batch_size or HELDOUT_DEFAULT  # bounded: see HELDOUT_DEFAULT
                     terms.append(self.objective.loss(
                         theta, self.task.heldout_batch(self.plan, self.t, size)))
                 elif meta_batch_size:
