@@ -121,8 +121,8 @@ def optimize(model: nn.Module | Callable[[], nn.Module], train_loader: Iterable 
              loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
              optimizer: str | None = None, batch_size: int | None = None,
              storage: str | None = None, study: str | None = None, n_jobs: int = 1,
-             seed: int = 0, zoo: str | Path | None = None, resume: bool = False,
-             progress: bool = True) -> Result:
+             seed: int = 0, zoo: str | Path | None = None, race: str = "halving",
+             resume: bool = False, progress: bool = True) -> Result:
     """Train ``model`` with the best learned optimizer and compare with Optuna-tuned Adam/SGD.
 
     Args:
@@ -137,6 +137,8 @@ def optimize(model: nn.Module | Callable[[], nn.Module], train_loader: Iterable 
         device: ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
         out: run directory (default ``runs/<timestamp>-<model>``); must not hold another run
             unless ``resume=True``.
+        race: ``"halving"`` (successive halving over the zoo) or ``"full"`` (every entry the
+            whole probe); ``optimizer=NAME`` skips the race.
 
     Returns a :class:`Result`: ``.winner``, ``.leaderboard``, ``.model`` (trained by the winner),
     ``.report`` (the ``report.json`` dict) and ``.run_dir``.
@@ -147,7 +149,7 @@ def optimize(model: nn.Module | Callable[[], nn.Module], train_loader: Iterable 
         xv, yv, _ = _materialise(val_loader, "val_loader")
     cfg = FitConfig(steps=steps, trials=trials, seeds=seeds, fine_tune=fine_tune, device=device,
                     batch_size=batch_size or bs, optimizer=optimizer, storage=storage,
-                    study=study, n_jobs=n_jobs, seed=seed,
+                    study=study, n_jobs=n_jobs, seed=seed, race=race,
                     zoo=None if zoo is None else str(zoo))
     cfg.validate()
     check_zoo(cfg)

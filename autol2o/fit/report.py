@@ -15,13 +15,17 @@ Version 2 (stop 14): ``verdict.noise``/``p_value`` come from a paired t-test ove
                      data {source, format, task, n_train, n_val, input_shape, n_classes, classes,
                            standardized, split, notes} (the DATA path is data.source), plus
                      the CLI's target argument
-    config           FitConfig fields (steps, batch_size, probe_fraction, trials, seeds,
+    config           FitConfig fields (steps, batch_size, probe_fraction, race, trials, seeds,
                      fine_tune, optimizer, baselines, device, storage (a password shown as
                      ***), study, n_jobs, seed, threads, zoo) + probe_steps, eval_every
-    race             null | {skipped, picked, picked_path, probe_steps, steps,
-                             entries: [{name, path, val_loss, val_acc, diverged, steps,
-                                        wall_time, curve}]}  (an entry that failed to
-                             load: {name, error, val_loss null, diverged, steps 0, wall_time})
+    race             null | {skipped, picked, picked_path, probe_steps, mode ("halving" or
+                             "full"), rounds (the step each round trains its survivors to),
+                             steps (all entries' steps),
+                             entries: [{name, path, val_loss, val_acc, diverged, steps (how
+                                        far it got: entries out after an early round have
+                                        fewer), wall_time, curve}]}  (an entry that failed to
+                             load: {name, error, val_loss null, diverged, steps 0, wall_time};
+                             the only usable entry is picked unprobed: steps 0, no curve)
     fine_tune        null | {name, path, iterations, optimizee_steps, diverged_runs,
                              best_val (the meta-validation score: the mean loss, on the 20%
                              (at most 2048 examples) of the training data each run held out,
@@ -245,13 +249,20 @@ def markdown(r: dict[str, Any]) -> str:
         if race["skipped"]:
             lines.append(f"Skipped (`--optimizer {race['picked']}`).")
         else:
-            lines += [f"Probe: {race['probe_steps']} steps from identical initial weights.", "",
-                      "| optimizer | val loss | |", "|---|---|---|"]
+            how = ("successive halving, rounds to step " +
+                   ", ".join(str(n) for n in race["rounds"]) + "; " if
+                   race.get("mode") == "halving" and race.get("rounds") else "")
+            lines += [f"Probe: {race['probe_steps']} steps from identical initial weights "
+                      f"({how}{race['steps']} steps in all).", "",
+                      "| optimizer | steps | val loss | |", "|---|---|---|---|"]
             for e in race["entries"]:
                 state = "error: " + e["error"] if e.get("error") else \
                     ("diverged" if e["diverged"] else
                      ("picked" if e["name"] == race["picked"] else ""))
-                lines.append(f"| {e['name']} | {_f(e['val_loss'])} | {state} |")
+                if e["name"] == race["picked"] and not e.get("steps"):
+                    state = "picked (the only usable entry: not probed)"
+                lines.append(f"| {e['name']} | {e.get('steps', '')} | {_f(e['val_loss'])} "
+                             f"| {state} |")
         lines.append("")
     if r.get("fine_tune"):
         f = r["fine_tune"]

@@ -165,79 +165,118 @@ def train_run(problem: Problem, opt: OptSpec, *, steps: int, seed: int, batch_si
     with a seed sees the same masks, and a resumed run repeats an uninterrupted one.  (Trials
     run in parallel threads, ``--n-jobs > 1``, share that generator, so their masks interleave.)
     """
-    dev = torch.device(problem.device)
-    cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] \
-        if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        model = problem.initial(seed)  # may draw the seed's weights (first use): before seeding
-        torch.manual_seed(seed + MODEL_RNG_OFFSET)
-        return _train_run(problem, model, opt, steps=steps, seed=seed, batch_size=batch_size,
-                          eval_every=eval_every, on_eval=on_eval, keep_state=keep_state)
+    run = Run(problem, opt, seed=seed, batch_size=batch_size,
+              eval_every=eval_every or default_eval_every(steps))
+    return run.advance(steps, on_eval=on_eval, keep_state=keep_state)
 
 
 #: the run's model-randomness stream is seed + this, apart from the seed's weight init
 MODEL_RNG_OFFSET = 0x5EED
 
 
-def _train_run(problem: Problem, model: nn.Module, opt: OptSpec, *, steps: int, seed: int,
-               batch_size: int, eval_every: int | None,
-               on_eval: Callable[[int, float], None] | None, keep_state: bool) -> RunResult:
-    eval_every = eval_every or default_eval_every(steps)
-    t0 = time.perf_counter()
-    model.train()
-    optimizer = opt.build(model)
-    x, y = problem.data.x_train, problem.data.y_train
-    n = len(x)
-    bs = min(batch_size, n)
-    gen = torch.Generator().manual_seed(seed)
-    perm, pos = torch.randperm(n, generator=gen), 0
-    res = RunResult(opt.name, seed)
+class Run:
+    """A run that can pause at any step and continue later (the race's successive halving).
 
-    with user_code(problem):
-        v0, a0 = evaluate(model, problem)
-    res.steps.append(0)
-    res.train_loss.append(None)
-    res.val_loss.append(v0)
-    res.val_acc.append(a0)
-    limit = BLOWUP * abs(v0) if math.isfinite(v0) and v0 != 0 else math.inf
-    run_loss = torch.zeros((), device=problem.device)
-    since = 0
-    for step in range(1, steps + 1):
-        if STOP.is_set():
-            raise KeyboardInterrupt
-        if pos + bs > n:  # next epoch: a fresh permutation (drop the ragged tail)
-            perm, pos = torch.randperm(n, generator=gen), 0
-        idx = perm[pos:pos + bs].to(problem.device)
-        pos += bs
-        optimizer.zero_grad(set_to_none=True)
-        try:  # inline, not user_code(): no generator per step on the hot path
-            loss = problem.loss_fn(model(x[idx]), y[idx])
-            loss.backward()
-        except UserError:
-            raise
-        except Exception as e:
-            raise _user_error(problem, e) from e
-        optimizer.step()
-        run_loss += loss.detach()
-        since += 1
-        res.steps_run = step
-        if step % eval_every == 0 or step == steps:
-            train_mean = float(run_loss) / since
-            run_loss.zero_()
-            since = 0
-            with user_code(problem):
-                v, a = evaluate(model, problem)
-            res.steps.append(step)
-            res.train_loss.append(train_mean if math.isfinite(train_mean) else None)
-            res.val_loss.append(v if math.isfinite(v) else math.inf)
-            res.val_acc.append(a)
-            if not (math.isfinite(v) and math.isfinite(train_mean)) or v > limit:
-                res.diverged = True
-                break
-            if on_eval is not None:
-                res.wall_time = time.perf_counter() - t0
-                on_eval(step, v)
-    res.wall_time = time.perf_counter() - t0
-    if keep_state and not res.diverged:
-        res.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return res
+    ``advance(a)`` then ``advance(b)`` reaches the same weights, optimizer state, minibatches
+    and model randomness as ``advance(b)`` alone: the run keeps its own generator states and
+    swaps them in around each advance.  The pause adds one validation point at step ``a``.
+    """
+
+    def __init__(self, problem: Problem, opt: OptSpec, *, seed: int, batch_size: int,
+                 eval_every: int):
+        self.problem, self.seed, self.eval_every = problem, seed, eval_every
+        dev = torch.device(problem.device)
+        self._cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] \
+            if dev.type == "cuda" else []
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=self._cuda):
+            self.model = problem.initial(seed)  # may draw the seed's weights: before seeding
+            torch.manual_seed(seed + MODEL_RNG_OFFSET)
+            self._rng = self._rng_state()
+        self.model.train()
+        self.optimizer = opt.build(self.model)
+        n = len(problem.data.x_train)
+        self._bs = min(batch_size, n)
+        self._gen = torch.Generator().manual_seed(seed)
+        self._perm, self._pos = torch.randperm(n, generator=self._gen), 0
+        self._run_loss = torch.zeros((), device=problem.device)
+        self._since = 0
+        self.result = res = RunResult(opt.name, seed)
+        with user_code(problem):
+            v0, a0 = evaluate(self.model, problem)
+        res.steps.append(0)
+        res.train_loss.append(None)
+        res.val_loss.append(v0)
+        res.val_acc.append(a0)
+        self._limit = BLOWUP * abs(v0) if math.isfinite(v0) and v0 != 0 else math.inf
+        res.wall_time = time.perf_counter() - t0
+
+    def _rng_state(self) -> list[Tensor]:
+        return [torch.get_rng_state()] + [torch.cuda.get_rng_state(d) for d in self._cuda]
+
+    def _set_rng_state(self, states: list[Tensor]) -> None:
+        torch.set_rng_state(states[0])
+        for d, st in zip(self._cuda, states[1:], strict=True):
+            torch.cuda.set_rng_state(st, d)
+
+    def advance(self, steps: int, *, on_eval: Callable[[int, float], None] | None = None,
+                keep_state: bool = False) -> RunResult:
+        """Train on to step ``steps`` (validating every ``eval_every`` steps and at the end)."""
+        with torch.random.fork_rng(devices=self._cuda):
+            self._set_rng_state(self._rng)
+            try:
+                return self._advance(steps, on_eval, keep_state)
+            finally:
+                self._rng = self._rng_state()
+
+    def _advance(self, steps: int, on_eval: Callable[[int, float], None] | None,
+                 keep_state: bool) -> RunResult:
+        t0 = time.perf_counter()
+        problem, model, optimizer, res = self.problem, self.model, self.optimizer, self.result
+        x, y = problem.data.x_train, problem.data.y_train
+        n, bs = len(x), self._bs
+        start = res.steps_run
+        try:
+            for step in range(start + 1, steps + 1):
+                if res.diverged:
+                    break
+                if STOP.is_set():
+                    raise KeyboardInterrupt
+                if self._pos + bs > n:  # next epoch: a fresh permutation (drop the ragged tail)
+                    self._perm, self._pos = torch.randperm(n, generator=self._gen), 0
+                idx = self._perm[self._pos:self._pos + bs].to(problem.device)
+                self._pos += bs
+                optimizer.zero_grad(set_to_none=True)
+                try:  # inline, not user_code(): no generator per step on the hot path
+                    loss = problem.loss_fn(model(x[idx]), y[idx])
+                    loss.backward()
+                except UserError:
+                    raise
+                except Exception as e:
+                    raise _user_error(problem, e) from e
+                optimizer.step()
+                self._run_loss += loss.detach()
+                self._since += 1
+                res.steps_run = step
+                if step % self.eval_every == 0 or step == steps:
+                    train_mean = float(self._run_loss) / self._since
+                    self._run_loss.zero_()
+                    self._since = 0
+                    with user_code(problem):
+                        v, a = evaluate(model, problem)
+                    res.steps.append(step)
+                    res.train_loss.append(train_mean if math.isfinite(train_mean) else None)
+                    res.val_loss.append(v if math.isfinite(v) else math.inf)
+                    res.val_acc.append(a)
+                    if not (math.isfinite(v) and math.isfinite(train_mean)) or v > self._limit:
+                        res.diverged = True
+                        break
+                    if on_eval is not None:
+                        res.wall_time += time.perf_counter() - t0
+                        t0 = time.perf_counter()
+                        on_eval(step, v)
+        finally:
+            res.wall_time += time.perf_counter() - t0
+        if keep_state and not res.diverged:
+            res.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        return res

@@ -1,0 +1,122 @@
+"""The zoo race: successive-halving rounds, runs that pause and continue exactly, and the
+race's accounting in the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_fit_support import FAST, blobs, run_cli, write_csv, write_model
+from torch import nn
+
+from autol2o.fit.data import from_tensors
+from autol2o.fit.pipeline import race_rounds
+from autol2o.fit.problem import Problem, from_object
+from autol2o.fit.train import OptSpec, Run, train_run
+from autol2o.optimizers import DMOptimizer, RNNprop
+from autol2o.zoo import save_entry
+
+
+@pytest.mark.parametrize(("n", "probe", "mode", "rounds"), [
+    (5, 50, "halving", [(17, 2), (50, 1)]),       # 5*17 + 2*33 = 151 steps, not 5*50
+    (10, 50, "halving", [(6, 4), (17, 2), (50, 1)]),
+    (3, 30, "halving", [(30, 1)]),                # one round: the full probe
+    (2, 30, "halving", [(30, 1)]),
+    (4, 2, "halving", [(1, 2), (2, 1)]),          # never a round of 0 steps
+    (1, 50, "halving", []),                       # nothing to race against
+    (0, 50, "halving", []),
+    (5, 50, "full", [(50, 1)]),
+    (1, 50, "full", []),
+])
+def test_race_rounds(n, probe, mode, rounds):
+    assert race_rounds(n, probe, mode) == rounds
+
+
+def _problem(dropout: bool = False) -> Problem:
+    x, y = blobs(120)
+    data = from_tensors(torch.tensor(x, dtype=torch.float32), torch.tensor(y), None, None,
+                        seed=0, task=None)
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 16), nn.Tanh()] + ([nn.Dropout(0.3)] if dropout else []) + \
+        [nn.Linear(16, 3)]
+    return Problem(from_object(nn.Sequential(*layers), task=None, loss_fn=None), data, "cpu")
+
+
+@pytest.mark.parametrize("kind", ["learned", "adam"])
+def test_paused_run_continues_exactly(kind):
+    """advance(7) then advance(30) = advance(30): weights, minibatches (30 steps at batch 32 cross
+    epochs of 96 examples) and dropout masks, with other randomness drawn in between."""
+    p = _problem(dropout=True)
+    torch.manual_seed(1)
+    spec = OptSpec(kind, kind, {"lr": 0.01}, rule=RNNprop() if kind == "learned" else None)
+    whole = train_run(p, spec, steps=30, seed=3, batch_size=32, eval_every=5, keep_state=True)
+    run = Run(p, spec, seed=3, batch_size=32, eval_every=5)
+    run.advance(7)
+    torch.rand(100)  # another run's draws between the two legs must not leak in
+    parts = run.advance(30, keep_state=True)
+    assert parts.steps_run == whole.steps_run == 30
+    for k, v in whole.state.items():
+        assert torch.equal(parts.state[k], v), k
+    # the pause adds its own validation point; every other point is the same
+    assert parts.steps == [0, 5, 7, 10, 15, 20, 25, 30] and whole.steps == [0, 5, 10, 15, 20, 25, 30]
+    pts = dict(zip(parts.steps, parts.val_loss))
+    assert [pts[s] for s in whole.steps] == pytest.approx(whole.val_loss, rel=0, abs=0)
+    # advancing to where it already is does nothing
+    again = run.advance(30)
+    assert again.steps_run == 30 and len(again.steps) == len(parts.steps)
+
+
+def test_race_by_successive_halving(tmp_path, capsys, monkeypatch):
+    """Four entries, probe 9 steps: all four to step 3, the best two on to 9; the picked entry is
+    the finalist with the lower validation loss at step 9, and those losses equal uninterrupted
+    9-step runs (what a full race would have measured)."""
+    torch.manual_seed(0)
+    zoo = tmp_path / "zoo"
+    save_entry(RNNprop(), zoo / "a-rnnprop", {"name": "a-rnnprop"})
+    save_entry(RNNprop(out_scale=0.02), zoo / "b-rnnprop-slow", {"name": "b-rnnprop-slow"})
+    save_entry(DMOptimizer(), zoo / "c-dm", {"name": "c-dm"})
+    save_entry(RNNprop(out_scale=1e8), zoo / "d-wild", {"name": "d-wild"})
+    monkeypatch.setenv("AUTOL2O_ZOO", str(zoo))
+    x, y = blobs()
+    write_csv(tmp_path / "data" / "train.csv", x, y)
+    model = write_model(tmp_path)
+    args = ["fit", model, tmp_path / "data", *FAST, "--steps", "90", "--probe", "0.1",
+            "--baselines", "adam"]
+    code, _, err = run_cli([*args, "--out", tmp_path / "run"], capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "run" / "report.json").read_text())
+    race = r["race"]
+    assert race["mode"] == "halving" and race["rounds"] == [3, 9] and race["probe_steps"] == 9
+    by = {e["name"]: e for e in race["entries"]}
+    assert by["d-wild"]["diverged"] and by["d-wild"]["steps"] <= 3
+    finalists = [n for n, e in by.items() if e["steps"] == 9]
+    assert len(finalists) == 2 and "d-wild" not in finalists
+    # the finalists were the two best at step 3
+    at3 = {n: dict(zip(e["curve"]["steps"], e["curve"]["val_loss"]))[3]
+           for n, e in by.items() if not e["diverged"]}
+    assert sorted(at3, key=at3.get)[:2] == sorted(finalists, key=at3.get)
+    assert race["picked"] == min(finalists, key=lambda n: by[n]["val_loss"])
+    assert race["steps"] == sum(e["steps"] for e in by.values())
+    assert race["steps"] == 2 * 9 + sum(e["steps"] for n, e in by.items() if n not in finalists)
+    # a full race (--race full) measures the finalists the same and picks the same entry
+    code, _, err = run_cli([*args, "--race", "full", "--out", tmp_path / "full"], capsys)
+    assert code == 0, err
+    full = json.loads((tmp_path / "full" / "report.json").read_text())["race"]
+    assert full["mode"] == "full" and full["rounds"] == [9]
+    assert all(e["steps"] == 9 or e["diverged"] for e in full["entries"])
+    fby = {e["name"]: e for e in full["entries"]}
+    for n in finalists:
+        assert by[n]["val_loss"] == pytest.approx(fby[n]["val_loss"], rel=1e-6)
+    assert full["picked"] == race["picked"] and full["steps"] > race["steps"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "successive halving, rounds to step 3, 9" in md
+
+
+def test_bad_race_mode(tmp_path, capsys):
+    x, y = blobs()
+    write_csv(tmp_path / "data" / "train.csv", x, y)
+    code, out, err = run_cli(["fit", write_model(tmp_path), tmp_path / "data", *FAST,
+                              "--race", "swiss", "--out", tmp_path / "run"], capsys)
+    assert code != 0 and "--race must be halving or full, got 'swiss'" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
