@@ -52,7 +52,7 @@ from autol2o.meta.tasks import preset_spec
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-LEARNED = ["rnnprop-mnist-v2", "rnnprop-mnist", "rnnprop-mix", "dm-mnist"]
+LEARNED = ["rnnprop-mnist-v3", "rnnprop-mnist-v2", "rnnprop-mnist", "rnnprop-mix", "dm-mnist"]
 BASELINES = ["adam", "rmsprop", "sgd", "nag"]
 GRID = sqrt2_grid()  # 2^-12 .. 2^0 in powers of sqrt(2)
 

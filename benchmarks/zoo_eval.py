@@ -56,23 +56,26 @@ def lr_label(lr: float, grid: list[float] | None = None) -> str:
     return label + (" (grid edge)" if grid and lr in (grid[0], grid[-1]) else "")
 
 
-#: Adam rates given with ``--adam-lr STEPS=LR,...``: those sections evaluate Adam at that rate
-#: instead of tuning it again (for scoring a new entry against rates an earlier full run tuned)
-GIVEN_LR: dict[int, float] = {}
+#: Adam rates given with ``--adam-lr [TASK:]STEPS=LR,...`` (TASK defaults to mnist-nn-sigmoid):
+#: those rows evaluate Adam at that rate instead of tuning it again (for scoring a new entry
+#: against rates an earlier full run tuned)
+GIVEN_LR: dict[tuple[str, int], float] = {}
+SIGMOID = "mnist-nn-sigmoid"
 
 
-def given(steps: int) -> str:
+def given(steps: int, task: str = SIGMOID) -> str:
     """What a section header says when its Adam rate was given, not tuned here."""
-    return " (given with --adam-lr: tuned on this grid by an earlier run)" if steps in GIVEN_LR else ""
+    return (" (given with --adam-lr: tuned on this grid by an earlier run)"
+            if (task, steps) in GIVEN_LR else "")
 
 
 def tune_adam(task, steps: int, runs: int, grid: list[float], log) -> tuple[float, object]:
     """Best Adam learning rate on ``grid`` by mean final loss (diverged runs disqualify a rate).
     Tuned on the evaluation seeds themselves (seed 0), as every committed zoo_eval table was: this
-    favours Adam slightly, never the learned optimizers.  With ``--adam-lr`` for these steps,
-    Adam is evaluated at the given rate only."""
-    if steps in GIVEN_LR:
-        lr = GIVEN_LR[steps]
+    favours Adam slightly, never the learned optimizers.  With ``--adam-lr`` for this task and
+    these steps, Adam is evaluated at the given rate only."""
+    if (task.name, steps) in GIVEN_LR:
+        lr = GIVEN_LR[(task.name, steps)]
         log(f"  adam at the given lr {lr:.5g} (--adam-lr)")
         return lr, evaluate(baseline("adam", lr), task, steps, runs, seed=0)
     lr, results = tune_lr(lambda lr: baseline("adam", lr), task, steps, grid, runs, seed=0,
@@ -106,12 +109,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "zoo_eval.md")
     ap.add_argument("--no-card-update", action="store_true")
     ap.add_argument("--adam-lr", default="",
-                    help="STEPS=LR,...: evaluate Adam at these rates instead of tuning it (the "
-                         "rates an earlier full run found), e.g. 100=0.0441942,2000=0.0110485")
+                    help="[TASK:]STEPS=LR,...: evaluate Adam at these rates instead of tuning it "
+                         "(the rates an earlier full run found; TASK defaults to "
+                         "mnist-nn-sigmoid), e.g. 100=0.0441942,mnist-nn-relu:100=0.0221")
+    ap.add_argument("--mix-entry", default="rnnprop-mix",
+                    help="the entry section 3 scores (e.g. a candidate before it replaces "
+                         "rnnprop-mix)")
     args = ap.parse_args()
     for item in filter(None, args.adam_lr.split(",")):
-        steps, lr = item.split("=")
-        GIVEN_LR[int(steps)] = float(lr)
+        key, lr = item.split("=")
+        tname, _, steps = key.rpartition(":")
+        GIVEN_LR[(tname or SIGMOID, int(steps))] = float(lr)
     torch.set_num_threads(args.threads)
     sections = {int(s) for s in args.sections.split(",")}
 
@@ -171,16 +179,21 @@ def main() -> None:
             headlines.setdefault(name, {})[f"mnist-nn-sigmoid-{steps}"] = vs_adam(res, best, lr)
         md.append("")
 
-    if 3 in sections and "rnnprop-mix" in entries:
-        mix = entries["rnnprop-mix"]
+    if 3 in sections and (args.mix_entry in entries or args.mix_entry != "rnnprop-mix"):
+        mix_name = args.mix_entry
+        if mix_name not in entries:
+            ap.error(f"section 3 scores {mix_name}, which is not among the entries")
+        mix = entries[mix_name]
         names = [t for t in args.mix_tasks.split(",") if t]
-        log("section 3: rnnprop-mix on the paper's MNIST tasks")
-        md += ["## 3. rnnprop-mix vs best-tuned Adam on the paper's MNIST tasks, 100 steps", "",
+        log(f"section 3: {mix_name} on the paper's MNIST tasks")
+        md += [f"## 3. {mix_name} vs best-tuned Adam on the paper's MNIST tasks, 100 steps", "",
                f"MLP and LSTM tasks: {args.runs} runs, Adam grid 2^-12..2^0.  CNNs: "
                f"{args.cnn_runs} runs, Adam grid 2^-9..2^-5 (CPU cost).  Bar: rnnprop-mix wins on a "
-               "majority.  rnnprop-mnist shown for reference (not run on the CNNs, for time).",
+               "majority.  rnnprop-mnist shown for reference (not run on the CNNs, for time)."
+               + ("  Adam rates marked * were given with --adam-lr (tuned on the grid by an "
+                  "earlier run)." if GIVEN_LR else ""),
                "",
-               "| task | best Adam lr | best Adam | rnnprop-mix | ratio | rnnprop-mnist | "
+               f"| task | best Adam lr | best Adam | {mix_name} | ratio | rnnprop-mnist | "
                "mix wins? |", "|---|---|---|---|---|---|---|"]
         wins = 0
         for tname in names:
@@ -195,12 +208,13 @@ def main() -> None:
                    if "rnnprop-mnist" in entries and not cnn else None)
             win = res.diverged == 0 and res.final_loss < best.final_loss
             wins += win
-            md.append(f"| {tname} | {lr_label(lr, grid)} | {fmt(best)} | {fmt(res)} "
+            star = "*" if (tname, 100) in GIVEN_LR else ""
+            md.append(f"| {tname} | {lr_label(lr, grid)}{star} | {fmt(best)} | {fmt(res)} "
                       f"| {res.final_loss / best.final_loss:.2f} | "
                       f"{fmt(ref) if ref else '-'} | {'yes' if win else 'no'} |")
             log(f"    mix {res.final_loss:.4f} vs adam {best.final_loss:.4f}")
-        md += ["", f"rnnprop-mix wins on **{wins} of {len(names)}** tasks.", ""]
-        headlines.setdefault("rnnprop-mix", {})["paper-mnist-tasks"] = {
+        md += ["", f"{mix_name} wins on **{wins} of {len(names)}** tasks.", ""]
+        headlines.setdefault(mix_name, {})["paper-mnist-tasks"] = {
             "wins_vs_best_adam": wins, "tasks": len(names), "runs": args.runs,
             "cnn_runs": args.cnn_runs}
 

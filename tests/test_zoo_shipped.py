@@ -16,8 +16,8 @@ from autol2o import DMOptimizer, RNNprop
 from autol2o.zoo import list_entries, load_entry, save_entry, shipped_root
 
 REPO = Path(__file__).resolve().parents[1]
-EXPECTED = {"rnnprop-mnist": RNNprop, "rnnprop-mnist-v2": RNNprop, "dm-mnist": DMOptimizer,
-            "rnnprop-mix": RNNprop, "rnnprop-long": RNNprop}
+EXPECTED = {"rnnprop-mnist": RNNprop, "rnnprop-mnist-v2": RNNprop, "rnnprop-mnist-v3": RNNprop,
+            "dm-mnist": DMOptimizer, "rnnprop-mix": RNNprop, "rnnprop-long": RNNprop}
 
 
 def test_shipped_entries_load_and_verify(tmp_path):
@@ -30,7 +30,11 @@ def test_shipped_entries_load_and_verify(tmp_path):
         if name in EXPECTED:
             assert type(rule) is EXPECTED[name]
         assert card["name"] == name == entry.path.name
-        assert card["command"].startswith("autol2o zoo train"), name
+        # a staged recipe is its stages' commands joined by " && ", the last writing the entry
+        stages = card["command"].split(" && ")
+        assert all(st.startswith("autol2o zoo train") for st in stages), name
+        assert stages[-1].endswith(f"--out pretrained/{name}") or \
+            f"--out pretrained/{name} " in stages[-1], name
         assert card["tasks"] and card["training"]["meta_iterations"] > 0
         assert card["wall_time_s"] > 0
         assert card["evaluation"].get("headline"), f"{name} has no evaluation headline"
@@ -48,13 +52,14 @@ def test_shipped_entries_load_and_verify(tmp_path):
 
 def test_each_cards_command_names_exactly_its_training_tasks():
     """A card's ``--task`` arguments (preset names, or specs as JSON where a preset has changed
-    since the entry was trained) rebuild the very task specs the card lists."""
+    since the entry was trained) rebuild the very task specs the card lists (for a staged
+    recipe, those of its last stage, whose training block the card holds)."""
     import shlex
 
     from autol2o.meta.tasks import preset_spec
 
     for entry in list_entries(shipped_root()):
-        argv = shlex.split(entry.card["command"])
+        argv = shlex.split(entry.card["command"].split(" && ")[-1])
         given = [argv[i + 1] for i, a in enumerate(argv) if a == "--task"]
         specs = [json.loads(t) if t.startswith("{") else preset_spec(t) for t in given]
         assert specs == entry.card["tasks"], entry.name
