@@ -66,8 +66,10 @@ def bench(name: str, model_path: Path, data: str | None, cfg: FitConfig, runs: P
            "tuning_trials": adam["compute"]["trials"], "race_steps": race_steps,
            "picked": r["race"]["picked"], "learned_within_budget": within,
            "learned_final": learned["val_loss"], "leaderboard": r["leaderboard"],
-           "race": [(e["name"], e.get("val_loss"), e.get("steps")) for e in r["race"]["entries"]],
-           "race_rounds": r["race"].get("rounds"),
+           "race": [(e["name"], e.get("val_loss"), e.get("steps"),
+                     "unusable" if e.get("error") else "diverged" if e.get("diverged") else
+                     "not probed") for e in r["race"]["entries"]],
+           "race_rounds": r["race"].get("rounds"), "race_mode": r["race"].get("mode"),
            "verdict": v["summary"], "adam_steps_to_match_learned":
            v["baseline_steps_to_match_learned"].get("adam"), "extended": None}
     if within is None and target is not None:
@@ -136,11 +138,12 @@ def md(rows: list[dict], default_wall: float | None, args) -> str:
                 f"{b['val_loss_mean']:.4f} +/- {b['val_loss_std'] or 0:.4f}"
             acc = "-" if b["val_acc_mean"] is None else f"{b['val_acc_mean']:.4f}"
             lines.append(f"| {b['rank']} | {b['name']} | {loss} | {acc} |")
-        race = ", ".join(f"{n} {v:.4f} at step {st}" if v is not None else f"{n} diverged"
-                         for n, v, st in r["race"])
+        race = ", ".join(f"{n} {v:.4f} at step {st}" if v is not None else f"{n} {why}"
+                         for n, v, st, why in r["race"])
         rounds = ", ".join(str(x) for x in r.get("race_rounds") or [])
-        lines += ["", f"Race (successive halving, rounds to step {rounds}; validation loss where "
-                  f"each entry stopped): {race}.", "",
+        how = (f"successive halving, rounds to step {rounds}" if r.get("race_mode") == "halving"
+               else f"{r.get('race_mode') or 'full'} race to step {rounds}")
+        lines += ["", f"Race ({how}; validation loss where each entry stopped): {race}.", "",
                   f"Tuned Adam needed {r['adam_steps_to_match_learned']} steps in total to "
                   "match the learned optimizer's mean final validation loss "
                   "(None: never).", ""]

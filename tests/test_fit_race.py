@@ -63,8 +63,10 @@ def test_paused_run_continues_exactly(kind):
     pts = dict(zip(parts.steps, parts.val_loss))
     assert [pts[s] for s in whole.steps] == pytest.approx(whole.val_loss, rel=0, abs=0)
     # advancing to where it already is does nothing
+    n_points = len(parts.steps)
     again = run.advance(30)
-    assert again.steps_run == 30 and len(again.steps) == len(parts.steps)
+    assert again.steps_run == 30 and len(again.steps) == n_points
+    assert torch.equal(run.model.state_dict()["0.weight"], whole.state["0.weight"])
 
 
 def test_race_by_successive_halving(tmp_path, capsys, monkeypatch):
@@ -120,3 +122,124 @@ def test_bad_race_mode(tmp_path, capsys):
                               "--race", "swiss", "--out", tmp_path / "run"], capsys)
     assert code != 0 and "--race must be halving or full, got 'swiss'" in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+class ScriptedRun:
+    """Stands in for train.Run in the race: each entry's validation loss per step and the step
+    it diverges at come from a script, so the race's choices can be checked exactly."""
+
+    script: dict[str, tuple[dict[int, float], int | None]] = {}
+    advanced: list[tuple[str, int]] = []
+
+    def __init__(self, problem, opt, *, seed, batch_size, eval_every):
+        from autol2o.fit.train import RunResult
+
+        self.name = opt.name
+        self.result = RunResult(opt.name, seed, [0], [None], [2.0], [None])
+
+    def advance(self, steps):
+        losses, diverge_at = self.script[self.name]
+        ScriptedRun.advanced.append((self.name, steps))
+        r = self.result
+        r.steps_run = steps if diverge_at is None else min(steps, diverge_at)
+        r.steps.append(r.steps_run)
+        r.val_loss.append(losses.get(steps, 1.0) if r.steps_run == steps else float("inf"))
+        r.val_acc.append(None)
+        r.train_loss.append(1.0)
+        r.diverged = diverge_at is not None and diverge_at <= steps
+        return r
+
+
+def _scripted_race(tmp_path, capsys, monkeypatch, script):
+    import autol2o.fit.pipeline as pipeline
+
+    torch.manual_seed(0)
+    zoo = tmp_path / "zoo"
+    for name in script:
+        save_entry(RNNprop(), zoo / name, {"name": name})
+    monkeypatch.setenv("AUTOL2O_ZOO", str(zoo))
+    monkeypatch.setattr(pipeline, "Run", ScriptedRun)
+    ScriptedRun.script, ScriptedRun.advanced = script, []
+    x, y = blobs()
+    write_csv(tmp_path / "data" / "train.csv", x, y)
+    code, _, err = run_cli(["fit", write_model(tmp_path), tmp_path / "data", *FAST, "--steps",
+                            "90", "--probe", "0.1", "--baselines", "adam",
+                            "--out", tmp_path / "run"], capsys)
+    assert code == 0, err
+    return json.loads((tmp_path / "run" / "report.json").read_text())["race"]
+
+
+def test_race_falls_back_to_the_furthest_healthy_entry(tmp_path, capsys, monkeypatch):
+    """Rounds to steps 3 and 9.  a diverges at once; b and c lead at step 3 and both diverge
+    before 9; d and e were knocked out healthy: the pick is e (better than d at step 3), not a,
+    the first entry in zoo order."""
+    race = _scripted_race(tmp_path, capsys, monkeypatch, {
+        "a": ({}, 1), "b": ({3: 0.2}, 5), "c": ({3: 0.3}, 6), "d": ({3: 0.6}, None),
+        "e": ({3: 0.5}, None)})
+    assert race["rounds"] == [3, 9] and race["picked"] == "e"
+    assert ScriptedRun.advanced == [("a", 3), ("b", 3), ("c", 3), ("d", 3), ("e", 3),
+                                    ("b", 9), ("c", 9)]
+    assert race["steps"] == 1 + 5 + 6 + 3 + 3
+
+
+def test_race_stops_when_one_entry_is_left(tmp_path, capsys, monkeypatch):
+    """Four entries, three diverge in round one: the survivor is picked without a second round."""
+    race = _scripted_race(tmp_path, capsys, monkeypatch, {
+        "a": ({}, 2), "b": ({3: 0.9}, None), "c": ({}, 1), "d": ({}, 3)})
+    assert race["picked"] == "b" and race["steps"] == 2 + 3 + 1 + 3
+    assert ScriptedRun.advanced == [("a", 3), ("b", 3), ("c", 3), ("d", 3)]
+
+
+def test_race_where_every_entry_diverges_keeps_the_first(tmp_path, capsys, monkeypatch):
+    race = _scripted_race(tmp_path, capsys, monkeypatch, {"a": ({}, 2), "b": ({}, 1)})
+    assert race["picked"] == "a" and all(e["diverged"] for e in race["entries"])
+
+
+def test_race_ties_keep_zoo_order(tmp_path, capsys, monkeypatch):
+    race = _scripted_race(tmp_path, capsys, monkeypatch, {
+        "a": ({3: 0.5, 9: 0.4}, None), "b": ({3: 0.5, 9: 0.4}, None), "c": ({3: 0.5}, None),
+        "d": ({3: 0.7}, None)})
+    assert race["picked"] == "a"
+    assert ScriptedRun.advanced[4:] == [("a", 9), ("b", 9)]
+
+
+def test_ctrl_c_in_the_race_keeps_the_probes_run_so_far(tmp_path, capsys, monkeypatch):
+    import autol2o.fit.pipeline as pipeline
+
+    class Interrupted(ScriptedRun):
+        def advance(self, steps):
+            if (self.name, steps) == ("b", 9):
+                raise KeyboardInterrupt
+            return super().advance(steps)
+
+    torch.manual_seed(0)
+    zoo = tmp_path / "zoo"
+    script = {"a": ({3: 0.2}, None), "b": ({3: 0.3}, None), "c": ({3: 0.6}, None),
+              "d": ({3: 0.7}, None)}
+    for name in script:
+        save_entry(RNNprop(), zoo / name, {"name": name})
+    monkeypatch.setenv("AUTOL2O_ZOO", str(zoo))
+    monkeypatch.setattr(pipeline, "Run", Interrupted)
+    ScriptedRun.script, ScriptedRun.advanced = script, []
+    x, y = blobs()
+    write_csv(tmp_path / "data" / "train.csv", x, y)
+    code, _, _ = run_cli(["fit", write_model(tmp_path), tmp_path / "data", *FAST, "--steps",
+                          "90", "--probe", "0.1", "--out", tmp_path / "run"], capsys)
+    assert code == 130
+    r = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert r["status"] == "interrupted" and r["race"] is None
+    rows = [ln.split(",") for ln in (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+            if ln.startswith("race,")]
+    # a ran to step 9 (0, 3, 9), b, c, d to step 3 (0, 3): b's interrupted leg is not there
+    assert sorted((row[1], row[4]) for row in rows) == sorted(
+        [("a", "0"), ("a", "3"), ("a", "9"), ("b", "0"), ("b", "3"), ("c", "0"), ("c", "3"),
+         ("d", "0"), ("d", "3")])
+
+
+def test_runs_started_before_the_halving_race_resume_with_a_full_race():
+    from autol2o.fit.pipeline import FitConfig
+
+    old = FitConfig().to_dict()
+    del old["race"]
+    assert FitConfig.from_dict(old).race == "full"
+    assert FitConfig.from_dict(FitConfig().to_dict()).race == "halving"

@@ -143,6 +143,7 @@ class FitConfig:
     def from_dict(cls, d: dict[str, Any]) -> FitConfig:
         d = dict(d)
         d["baselines"] = tuple(d.get("baselines", ("adam", "sgd")))
+        d.setdefault("race", "full")  # runs started before the halving race raced in full
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -291,13 +292,14 @@ class FitRun:
             name = Path(cfg.optimizer).name
             ph["race"] = {"skipped": True, "picked": name,
                           "picked_path": str(_entry_path(cfg.optimizer, cfg.zoo).resolve()),
-                          "probe_steps": 0, "entries": [], "steps": 0}
+                          "probe_steps": 0, "mode": None, "rounds": [], "entries": [],
+                          "steps": 0}
             self.out.log(f"race skipped: using {name} (--optimizer)")
             self._save_state()
             return rule, name
         entries = list_entries(cfg.zoo)
         rows: list[dict[str, Any]] = []
-        racers: list[tuple[Any, Any, Run]] = []   # (entry, rule, run), in zoo order
+        racers: list[tuple[Any, Any]] = []   # (entry, rule) of the usable entries, zoo order
         for e in entries:
             try:
                 rule = load_rule(e.path)
@@ -305,33 +307,45 @@ class FitRun:
                 rows.append({"name": e.name, "error": str(err), "val_loss": None,
                              "diverged": False, "steps": 0, "wall_time": 0.0})
                 continue
-            racers.append((e, rule, None))
+            racers.append((e, rule))
         rounds = race_rounds(len(racers), cfg.probe_steps, cfg.race)
         eval_every = default_eval_every(cfg.probe_steps)
+        running: dict[int, Run] = {}          # paused between rounds
+        results: dict[int, RunResult] = {}    # every entry that trained, by racer index
         alive = list(range(len(racers)))
-        # one progress tick per entry per round it runs in
+        # one progress tick per entry per round it runs in (at most: a diverged one stops)
         ticks = len(racers) + sum(keep for _, keep in rounds[:-1]) if rounds else 0
-        with self.out.phase(f"race ({len(racers)} zoo optimizers)", ticks) as adv:
-            for length, keep in rounds:
-                for i in alive:
-                    e, rule, run = racers[i]
-                    if run is None:
-                        run = Run(self.p, OptSpec("learned", e.name, rule=rule), seed=cfg.seed,
-                                  batch_size=cfg.batch_size, eval_every=eval_every)
-                        racers[i] = (e, rule, run)
-                    r = run.advance(length)
-                    adv(note=f"{e.name}: {_fmt(r.final_val_loss)} at step {r.steps_run}")
-                # ties keep zoo order; a diverged entry never goes on
-                ranked = sorted((i for i in alive if not racers[i][2].result.diverged),
-                                key=lambda i: racers[i][2].result.final_val_loss)
-                alive = ranked[:keep]
-        for e, _rule, run in racers:
-            if run is None:  # a single usable entry: nothing to race it against
+        try:
+            with self.out.phase(f"race ({len(racers)} zoo optimizers)", ticks) as adv:
+                for k, (length, keep) in enumerate(rounds):
+                    last = k == len(rounds) - 1
+                    for i in alive:
+                        e, rule = racers[i]
+                        run = running.get(i) or Run(
+                            self.p, OptSpec("learned", e.name, rule=rule), seed=cfg.seed,
+                            batch_size=cfg.batch_size, eval_every=eval_every)
+                        running[i] = run
+                        results[i] = r = run.advance(length)
+                        if last or r.diverged:  # done racing: free its model and state now
+                            del running[i]
+                        adv(note=f"{e.name}: {_fmt(r.final_val_loss)} at step {r.steps_run}")
+                    # ties keep zoo order; a diverged entry never goes on
+                    ranked = sorted(sorted(i for i in alive if not results[i].diverged),
+                                    key=lambda i: results[i].final_val_loss)
+                    alive = ranked[:keep]
+                    for i in list(running):
+                        if i not in alive:
+                            del running[i]
+                    if len(alive) <= 1:  # a lone survivor (the rest diverged): nothing to race
+                        break
+        finally:  # on Ctrl-C too: the partial report keeps the probe curves run so far
+            self.race_runs = [results[i] for i in sorted(results)]
+        for i, (e, _rule) in enumerate(racers):
+            if i not in results:  # a single usable entry: nothing to race it against
                 rows.append({"name": e.name, "path": str(e.path.resolve()), "val_loss": None,
                              "val_acc": None, "diverged": False, "steps": 0, "wall_time": 0.0})
                 continue
-            r = run.result
-            self.race_runs.append(r)
+            r = results[i]
             rows.append({"name": e.name, "path": str(e.path.resolve()),
                          "val_loss": _num(r.final_val_loss),
                          "val_acc": r.final_val_acc, "diverged": r.diverged,
@@ -339,11 +353,17 @@ class FitRun:
                          "curve": r.to_dict()})
         best = None
         if len(racers) == 1:
-            e, rule, _ = racers[0]
+            e, rule = racers[0]
             best = (math.nan, e.name, e.path, rule)
-        elif alive:
-            e, rule, run = racers[alive[0]]
-            best = (run.result.final_val_loss, e.name, e.path, rule)
+        else:
+            # the best finalist; if every finalist diverged, the entry that got furthest
+            # without diverging (then by its loss there), not merely the first in zoo order
+            healthy = alive or sorted(sorted(i for i in results if not results[i].diverged),
+                                      key=lambda i: (-results[i].steps_run,
+                                                     results[i].final_val_loss))
+            if healthy:
+                e, rule = racers[healthy[0]]
+                best = (results[healthy[0]].final_val_loss, e.name, e.path, rule)
         if best is None:  # every entry diverged or was unusable: keep the first usable one
             usable = [row for row in rows if "error" not in row]
             if not usable:
@@ -721,9 +741,11 @@ class FitRun:
                 spent = compute[kind]["search_steps"]
                 parts.append(f"{kind} needed {s} tuning steps to match it" if s is not None else
                              f"{kind} never matched it in {spent} tuning steps")
+            race = ph.get("race", {})
             how = " and ".join(what for what, ran in (
-                ("race", not ph.get("race", {}).get("skipped")), ("fine-tuning", ft_steps))
-                if ran) or "race skipped"
+                ("race", race.get("steps")), ("fine-tuning", ft_steps)) if ran) or (
+                "race skipped" if race.get("skipped") or not race else
+                "no race: the only usable zoo entry")
             text += (f". The learned optimizer {learned['name']} used "
                      f"{compute['learned']['search_steps']} search steps ({how}) and no "
                      "hyperparameter tuning; "

@@ -18,8 +18,10 @@ Version 2 (stop 14): ``verdict.noise``/``p_value`` come from a paired t-test ove
     config           FitConfig fields (steps, batch_size, probe_fraction, race, trials, seeds,
                      fine_tune, optimizer, baselines, device, storage (a password shown as
                      ***), study, n_jobs, seed, threads, zoo) + probe_steps, eval_every
-    race             null | {skipped, picked, picked_path, probe_steps, mode ("halving" or
-                             "full"), rounds (the step each round trains its survivors to),
+    race             null | {skipped, picked, picked_path, probe_steps, mode ("halving",
+                             "full", or null when skipped; absent in runs started before
+                             autol2o had the halving race), rounds (the step each round trains
+                             its survivors to; [] when skipped),
                              steps (all entries' steps),
                              entries: [{name, path, val_loss, val_acc, diverged, steps (how
                                         far it got: entries out after an early round have

@@ -188,22 +188,22 @@ class Run:
         dev = torch.device(problem.device)
         self._cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] \
             if dev.type == "cuda" else []
-        t0 = time.perf_counter()
+        self.result = res = RunResult(opt.name, seed)
         with torch.random.fork_rng(devices=self._cuda):
             self.model = problem.initial(seed)  # may draw the seed's weights: before seeding
+            t0 = time.perf_counter()            # (building the seed's template is not training)
             torch.manual_seed(seed + MODEL_RNG_OFFSET)
+            self.model.train()
+            self.optimizer = opt.build(self.model)
+            with user_code(problem):  # in the run's stream: a model may draw even in eval mode
+                v0, a0 = evaluate(self.model, problem)
             self._rng = self._rng_state()
-        self.model.train()
-        self.optimizer = opt.build(self.model)
         n = len(problem.data.x_train)
         self._bs = min(batch_size, n)
         self._gen = torch.Generator().manual_seed(seed)
         self._perm, self._pos = torch.randperm(n, generator=self._gen), 0
         self._run_loss = torch.zeros((), device=problem.device)
         self._since = 0
-        self.result = res = RunResult(opt.name, seed)
-        with user_code(problem):
-            v0, a0 = evaluate(self.model, problem)
         res.steps.append(0)
         res.train_loss.append(None)
         res.val_loss.append(v0)
