@@ -150,7 +150,8 @@ class ScriptedRun:
         return r
 
 
-def _scripted_race(tmp_path, capsys, monkeypatch, script):
+def _scripted_race(tmp_path, capsys, monkeypatch, script, run_class=ScriptedRun, exit_code=0):
+    """A fit (rounds to steps 3 and 9) whose race runs ``run_class``; its report.json."""
     import autol2o.fit.pipeline as pipeline
 
     torch.manual_seed(0)
@@ -158,15 +159,15 @@ def _scripted_race(tmp_path, capsys, monkeypatch, script):
     for name in script:
         save_entry(RNNprop(), zoo / name, {"name": name})
     monkeypatch.setenv("AUTOL2O_ZOO", str(zoo))
-    monkeypatch.setattr(pipeline, "Run", ScriptedRun)
+    monkeypatch.setattr(pipeline, "Run", run_class)
     ScriptedRun.script, ScriptedRun.advanced = script, []
     x, y = blobs()
     write_csv(tmp_path / "data" / "train.csv", x, y)
     code, _, err = run_cli(["fit", write_model(tmp_path), tmp_path / "data", *FAST, "--steps",
                             "90", "--probe", "0.1", "--baselines", "adam",
                             "--out", tmp_path / "run"], capsys)
-    assert code == 0, err
-    return json.loads((tmp_path / "run" / "report.json").read_text())["race"]
+    assert code == exit_code, err
+    return json.loads((tmp_path / "run" / "report.json").read_text())
 
 
 def test_race_falls_back_to_the_furthest_healthy_entry(tmp_path, capsys, monkeypatch):
@@ -175,7 +176,7 @@ def test_race_falls_back_to_the_furthest_healthy_entry(tmp_path, capsys, monkeyp
     the first entry in zoo order."""
     race = _scripted_race(tmp_path, capsys, monkeypatch, {
         "a": ({}, 1), "b": ({3: 0.2}, 5), "c": ({3: 0.3}, 6), "d": ({3: 0.6}, None),
-        "e": ({3: 0.5}, None)})
+        "e": ({3: 0.5}, None)})["race"]
     assert race["rounds"] == [3, 9] and race["picked"] == "e"
     assert ScriptedRun.advanced == [("a", 3), ("b", 3), ("c", 3), ("d", 3), ("e", 3),
                                     ("b", 9), ("c", 9)]
@@ -185,48 +186,34 @@ def test_race_falls_back_to_the_furthest_healthy_entry(tmp_path, capsys, monkeyp
 def test_race_stops_when_one_entry_is_left(tmp_path, capsys, monkeypatch):
     """Four entries, three diverge in round one: the survivor is picked without a second round."""
     race = _scripted_race(tmp_path, capsys, monkeypatch, {
-        "a": ({}, 2), "b": ({3: 0.9}, None), "c": ({}, 1), "d": ({}, 3)})
+        "a": ({}, 2), "b": ({3: 0.9}, None), "c": ({}, 1), "d": ({}, 3)})["race"]
     assert race["picked"] == "b" and race["steps"] == 2 + 3 + 1 + 3
     assert ScriptedRun.advanced == [("a", 3), ("b", 3), ("c", 3), ("d", 3)]
 
 
 def test_race_where_every_entry_diverges_keeps_the_first(tmp_path, capsys, monkeypatch):
-    race = _scripted_race(tmp_path, capsys, monkeypatch, {"a": ({}, 2), "b": ({}, 1)})
+    race = _scripted_race(tmp_path, capsys, monkeypatch, {"a": ({}, 2), "b": ({}, 1)})["race"]
     assert race["picked"] == "a" and all(e["diverged"] for e in race["entries"])
 
 
 def test_race_ties_keep_zoo_order(tmp_path, capsys, monkeypatch):
     race = _scripted_race(tmp_path, capsys, monkeypatch, {
         "a": ({3: 0.5, 9: 0.4}, None), "b": ({3: 0.5, 9: 0.4}, None), "c": ({3: 0.5}, None),
-        "d": ({3: 0.7}, None)})
+        "d": ({3: 0.7}, None)})["race"]
     assert race["picked"] == "a"
     assert ScriptedRun.advanced[4:] == [("a", 9), ("b", 9)]
 
 
 def test_ctrl_c_in_the_race_keeps_the_probes_run_so_far(tmp_path, capsys, monkeypatch):
-    import autol2o.fit.pipeline as pipeline
-
     class Interrupted(ScriptedRun):
         def advance(self, steps):
             if (self.name, steps) == ("b", 9):
                 raise KeyboardInterrupt
             return super().advance(steps)
 
-    torch.manual_seed(0)
-    zoo = tmp_path / "zoo"
-    script = {"a": ({3: 0.2}, None), "b": ({3: 0.3}, None), "c": ({3: 0.6}, None),
-              "d": ({3: 0.7}, None)}
-    for name in script:
-        save_entry(RNNprop(), zoo / name, {"name": name})
-    monkeypatch.setenv("AUTOL2O_ZOO", str(zoo))
-    monkeypatch.setattr(pipeline, "Run", Interrupted)
-    ScriptedRun.script, ScriptedRun.advanced = script, []
-    x, y = blobs()
-    write_csv(tmp_path / "data" / "train.csv", x, y)
-    code, _, _ = run_cli(["fit", write_model(tmp_path), tmp_path / "data", *FAST, "--steps",
-                          "90", "--probe", "0.1", "--out", tmp_path / "run"], capsys)
-    assert code == 130
-    r = json.loads((tmp_path / "run" / "report.json").read_text())
+    r = _scripted_race(tmp_path, capsys, monkeypatch, {
+        "a": ({3: 0.2}, None), "b": ({3: 0.3}, None), "c": ({3: 0.6}, None),
+        "d": ({3: 0.7}, None)}, run_class=Interrupted, exit_code=130)
     assert r["status"] == "interrupted" and r["race"] is None
     rows = [ln.split(",") for ln in (tmp_path / "run" / "metrics.csv").read_text().splitlines()
             if ln.startswith("race,")]
