@@ -74,8 +74,7 @@ def fit(
     from autol2o.fit.progress import Reporter
 
     cfg = FitConfig(steps=steps, batch_size=batch_size, probe_fraction=probe, race=race,
-                    trials=trials,
-                    seeds=seeds, fine_tune=fine_tune, optimizer=optimizer,
+                    trials=trials, seeds=seeds, fine_tune=fine_tune, optimizer=optimizer,
                     # "adam,adam" would tune and retrain Adam twice, for one leaderboard row
                     baselines=tuple(dict.fromkeys(b.strip() for b in baselines.split(",")
                                                   if b.strip())),

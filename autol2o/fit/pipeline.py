@@ -351,28 +351,18 @@ class FitRun:
                          "val_acc": r.final_val_acc, "diverged": r.diverged,
                          "steps": r.steps_run, "wall_time": r.wall_time,
                          "curve": r.to_dict()})
-        best = None
-        if len(racers) == 1:
-            e, rule = racers[0]
-            best = (math.nan, e.name, e.path, rule)
-        else:
-            # the best finalist; if every finalist diverged, the entry that got furthest
-            # without diverging (then by its loss there), not merely the first in zoo order
-            healthy = alive or sorted(sorted(i for i in results if not results[i].diverged),
-                                      key=lambda i: (-results[i].steps_run,
-                                                     results[i].final_val_loss))
-            if healthy:
-                e, rule = racers[healthy[0]]
-                best = (results[healthy[0]].final_val_loss, e.name, e.path, rule)
-        if best is None:  # every entry diverged or was unusable: keep the first usable one
-            usable = [row for row in rows if "error" not in row]
-            if not usable:
-                raise UserError(f"zoo {entries[0].path.parent}: no usable learned optimizer "
-                                f"({rows[0]['error']})")
-            name = usable[0]["name"]
-            best = (math.inf, name, Path(usable[0]["path"]), load_rule(usable[0]["path"]))
+        if not racers:
+            raise UserError(f"zoo {entries[0].path.parent}: no usable learned optimizer "
+                            f"({rows[0]['error']})")
+        # the best finalist (a lone usable entry: itself, unprobed); if every finalist diverged,
+        # the entry that got furthest without diverging (then by its loss there), not merely the
+        # first in zoo order; if every entry diverged, the first usable one
+        ranked = alive or sorted(sorted(i for i in results if not results[i].diverged),
+                                 key=lambda i: (-results[i].steps_run, results[i].final_val_loss))
+        picked, rule = racers[ranked[0] if ranked else 0]
         self.timings["race"] = time.perf_counter() - t0
-        ph["race"] = {"skipped": False, "picked": best[1], "picked_path": str(Path(best[2]).resolve()),
+        ph["race"] = {"skipped": False, "picked": picked.name,
+                      "picked_path": str(picked.path.resolve()),
                       "probe_steps": cfg.probe_steps, "mode": cfg.race,
                       "rounds": [length for length, _ in rounds], "entries": rows,
                       "steps": sum(r["steps"] for r in rows)}
@@ -380,9 +370,9 @@ class FitRun:
             f"{r['name']} " + ("unusable" if r.get("error") else "diverged" if r["diverged"]
                                else "not probed" if not r["steps"] else
                                f"{_fmt(r['val_loss'])} at {r['steps']}") for r in rows)
-            + f" -> {best[1]}")
+            + f" -> {picked.name}")
         self._save_state()
-        return best[3], best[1]
+        return rule, picked.name
 
     # phase 2 -------------------------------------------------------------------------------
     def _fine_tune(self, rule, name):

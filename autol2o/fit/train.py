@@ -184,7 +184,7 @@ class Run:
 
     def __init__(self, problem: Problem, opt: OptSpec, *, seed: int, batch_size: int,
                  eval_every: int):
-        self.problem, self.seed, self.eval_every = problem, seed, eval_every
+        self.problem, self.eval_every = problem, eval_every
         dev = torch.device(problem.device)
         self._cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] \
             if dev.type == "cuda" else []
@@ -231,15 +231,14 @@ class Run:
 
     def _advance(self, steps: int, on_eval: Callable[[int, float], None] | None,
                  keep_state: bool) -> RunResult:
-        t0 = time.perf_counter()
         problem, model, optimizer, res = self.problem, self.model, self.optimizer, self.result
+        if res.diverged:  # a diverged run stays where it stopped
+            return res
+        t0 = time.perf_counter()
         x, y = problem.data.x_train, problem.data.y_train
         n, bs = len(x), self._bs
-        start = res.steps_run
         try:
-            for step in range(start + 1, steps + 1):
-                if res.diverged:
-                    break
+            for step in range(res.steps_run + 1, steps + 1):
                 if STOP.is_set():
                     raise KeyboardInterrupt
                 if self._pos + bs > n:  # next epoch: a fresh permutation (drop the ragged tail)

@@ -201,15 +201,16 @@ HELDOUT_STREAM = 0x484F
 #: for the meta-gradient, would not fit in memory) and the sin-LSTM's fresh validation waves
 HELDOUT_DEFAULT = 1024
 
+#: held-out examples per loss call in :func:`_chunked_loss` (MNIST's 10,000 test images times B
+#: instances would otherwise be materialised at once)
+HELDOUT_CHUNK = 2048
+
 
 class HeldoutBatch(tuple):
     """A held-out ``(x, y)`` batch: :class:`ModuleTask` scores it with the model in eval mode
     (dropout off, batch-norm on running statistics), as ``autol2o fit`` scores validation."""
 
     __slots__ = ()
-#: held-out examples per loss call in :func:`_chunked_loss` (MNIST's 10,000 test images times B
-#: instances would otherwise be materialised at once)
-HELDOUT_CHUNK = 2048
 
 
 def _heldout_draw(x: Tensor, y: Tensor, plan: list[int], t: int, size: int,
