@@ -193,6 +193,10 @@ def train_cmd(
     log_loss: Annotated[bool, typer.Option(
         "--log-loss/--no-log-loss",
         help="Meta-train on log(loss), so tasks on different loss scales weigh alike.")] = False,
+    relative_loss: Annotated[bool, typer.Option(
+        "--relative-loss/--no-relative-loss",
+        help="Meta-train on loss / (the run's loss at step 0): tasks on different scales weigh "
+             "alike without log(loss)'s unbounded weight on a loss near 0.")] = False,
     curriculum: Annotated[str | None, typer.Option(
         help="Horizons to move through: 'ITER:HORIZON,...' starting at iteration 0 (e.g. "
              "0:100,200:500,400:1000), or bare horizons spread evenly over --iterations (e.g. "
@@ -238,7 +242,8 @@ def train_cmd(
         horizon=stages[0][1] if stages else horizon, unroll=unroll, iterations=iterations,
         meta_lr=meta_lr, lr_schedule=lr_schedule, warmup=warmup, ema=ema, batch=batch,
         seed=seed, curriculum=tuple(stages),
-        meta_loss=recipe["meta_loss"], log_loss=log_loss, meta_batch_size=meta_batch_size,
+        meta_loss=recipe["meta_loss"], log_loss=log_loss, relative_loss=relative_loss,
+        meta_batch_size=meta_batch_size,
         meta_data=meta_data,
         random_scaling=recipe["random_scaling"] if random_scaling is None else
         (3.0 if random_scaling else 0.0),
@@ -256,6 +261,7 @@ def train_cmd(
             "--random-scaling" if config.random_scaling else "--no-random-scaling",
             "--convex" if config.convex_combination else "--no-convex",
             *(["--log-loss"] if log_loss else []),
+            *(["--relative-loss"] if relative_loss else []),
             *(["--meta-batch-size", meta_batch_size] if meta_batch_size else []),
             *(["--meta-data", meta_data] if meta_data != "train" else []),
             "--validate-every", validate_every, "--val-runs", val_runs,

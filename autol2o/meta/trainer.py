@@ -108,6 +108,11 @@ class TrainConfig:
     #: larger (an MLP's cross-entropy beside a regression's MSE) otherwise dominates the
     #: meta-gradient; on the log scale every task's *relative* progress weighs the same
     log_loss: bool = False
+    #: meta-train on loss / (the run's loss at step 0, a constant): like ``log_loss`` every
+    #: task's relative progress weighs alike, but bounded: d log L = dL / L grows without limit
+    #: as one task's loss nears 0 (a digits CNN reaching 1e-3 outweighs the rest 1000-fold and
+    #: multi-task training with ``log_loss`` derailed), whereas 1 / L_0 is fixed per run
+    relative_loss: bool = False
     random_scaling: float = 0.0   #: r of the random scaling trick; 0 disables it (paper: 3)
     convex_combination: bool = False  #: add the convex-combination term
     convex_dim: int = 20          #: extra parameters of the convex term
@@ -139,6 +144,8 @@ class TrainConfig:
             if getattr(self, name) < low:
                 raise UserError(f"--{name.replace('_', '-')} must be >= {low}, "
                                 f"got {getattr(self, name)}")
+        if self.log_loss and self.relative_loss:
+            raise UserError("--log-loss and --relative-loss exclude each other (pick one scale)")
         if self.val_steps is not None and self.val_steps < 1:
             raise UserError(f"val_steps must be >= 1, got {self.val_steps}")
         if not (math.isfinite(self.meta_lr) and self.meta_lr > 0):  # Adam takes nan silently
@@ -282,6 +289,7 @@ class _Run:
         self.t = 0
         self.loss, self.grad = loss_and_grad(self.objective.loss, self.theta,
                                              task.batch(self.plan, 0))
+        self.loss0 = self.loss  # (B,) detached; restore() rebuilds it from the same seeds
 
     def snapshot(self) -> dict[str, Any]:
         return {"task_index": self.task_index, "seeds": list(self.seeds),
@@ -508,6 +516,8 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
                 per_instance = _unroll(run, rule, steps, config)
                 if config.log_loss:
                     per_instance = per_instance.clamp_min(1e-30).log()
+                elif config.relative_loss:
+                    per_instance = per_instance / run.loss0.clamp_min(1e-30)
                 meta_loss = per_instance.mean()
                 ok = bool(torch.isfinite(meta_loss))
                 if ok:
@@ -570,7 +580,7 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
             "curriculum": [list(p) for p in config.curriculum],
             "max_horizon": config.max_horizon,
             "meta_iterations": iteration, "meta_loss": config.meta_loss,
-            "log_loss": config.log_loss,
+            "log_loss": config.log_loss, "relative_loss": config.relative_loss,
             "meta_optimizer": "adam", "meta_lr": config.meta_lr,
             "lr_schedule": config.lr_schedule, "warmup": config.warmup, "ema": config.ema,
             "grad_clip": config.grad_clip,
