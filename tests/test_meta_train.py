@@ -385,6 +385,7 @@ def test_launch_shares_the_checks_and_reports_one_line(tmp_path, capsys):
     ["--rule", "rnnprop"], ["--rule", "dm"], ["--rule", "rnnprop", "--no-convex"],
     ["--rule", "rnnprop", "--meta-batch-size", "64"],
     ["--rule", "rnnprop", "--meta-data", "heldout"],
+    ["--rule", "rnnprop", "--relative-loss"],
     ["--rule", "dm", "--convex", "--meta-lr", "0.01", "--iterations", "7"]])
 def test_launch_builds_the_config_zoo_train_builds(tmp_path, monkeypatch, extra):
     """The torchrun entry point defaults like ``zoo train`` (the rule's paper recipe: tricks
@@ -413,6 +414,7 @@ def test_launch_builds_the_config_zoo_train_builds(tmp_path, monkeypatch, extra)
     assert seen[0]["random_scaling"] == (0.0 if dm else 3.0)
     assert seen[0]["convex_combination"] == (("--convex" in extra) if dm
                                              else "--no-convex" not in extra)
+    assert seen[0]["relative_loss"] == ("--relative-loss" in extra)
 
 
 def test_launch_card_command_spells_out_every_setting_and_reproduces_the_entry(tmp_path):
