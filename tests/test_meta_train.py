@@ -110,12 +110,14 @@ def test_curriculum_horizons():
     assert [h["horizon"] for h in res.history] == [4, 4, 6, 6, 6, 6]
 
 
-@pytest.mark.parametrize("ema", [0.0, 0.5])
-def test_resume_after_a_kill_continues_exactly(tmp_path, monkeypatch, ema):
+@pytest.mark.parametrize(("ema", "relative"), [(0.0, False), (0.5, False), (0.0, True)])
+def test_resume_after_a_kill_continues_exactly(tmp_path, monkeypatch, ema, relative):
+    # relative: the killed run resumes mid-run (unroll 4 of horizon 12), so its step-0 loss,
+    # which scales every later unroll's meta-loss, must come back with it
     task = build_task("mlp-digits")
     cfg = TrainConfig(horizon=12, unroll=4, iterations=9, batch=2, meta_lr=1e-3, seed=3,
                       random_scaling=3.0, convex_combination=True, validate_every=4, val_runs=2,
-                      checkpoint_every=2, ema=ema)
+                      checkpoint_every=2, ema=ema, relative_loss=relative)
     ref = meta_train(_rule(), task, cfg, progress=False)
 
     calls = {"n": 0}
@@ -139,7 +141,7 @@ def test_resume_after_a_kill_continues_exactly(tmp_path, monkeypatch, ema):
     assert [h["meta_loss"] for h in res.history] == [h["meta_loss"] for h in ref.history]
     assert res.best_iteration == ref.best_iteration
     assert res.card_fields["validation"] == ref.card_fields["validation"]  # incl. the initial
-    if ema:  # the asserts above covered the averaged weights; the config checks below run once
+    if ema or relative:  # the asserts above covered them; the config checks below run once
         return
     # a checkpoint made with a different config is refused
     with pytest.raises(Exception, match="different config"):

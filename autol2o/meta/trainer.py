@@ -108,10 +108,10 @@ class TrainConfig:
     #: larger (an MLP's cross-entropy beside a regression's MSE) otherwise dominates the
     #: meta-gradient; on the log scale every task's *relative* progress weighs the same
     log_loss: bool = False
-    #: meta-train on loss / (the run's loss at step 0, a constant): like ``log_loss`` every
-    #: task's relative progress weighs alike, but bounded: d log L = dL / L grows without limit
-    #: as one task's loss nears 0 (a digits CNN reaching 1e-3 outweighs the rest 1000-fold and
-    #: multi-task training with ``log_loss`` derailed), whereas 1 / L_0 is fixed per run
+    #: meta-train on loss / (the run's loss at step 0 on its first minibatch, a constant): like
+    #: ``log_loss`` every task's relative progress weighs alike, but bounded: d log L = dL / L
+    #: grows without limit as one task's loss nears 0 (a digits CNN reaching 1e-3 outweighs the
+    #: rest 1000-fold, and multi-task training with ``log_loss`` derailed), 1 / L_0 is fixed
     relative_loss: bool = False
     random_scaling: float = 0.0   #: r of the random scaling trick; 0 disables it (paper: 3)
     convex_combination: bool = False  #: add the convex-combination term
