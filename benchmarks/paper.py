@@ -304,8 +304,9 @@ def write_report(out: Path, tables, missing: list[str], cache: Cache, runs: int,
              f". Learned optimizers are not tuned. A contender with a diverged run (shown as "
              f"'k div.', its mean over the other runs) counts as diverged: it cannot be best or "
              f"win. Device: {device}. All evaluations in the cache took "
-             f"{compute / 60:.1f} min of wall time in total (this invocation: {wall / 60:.1f} min, "
-             f"cached results count as 0) with {torch.get_num_threads()} torch thread(s) on a "
+             f"{compute / 60:.1f} min of wall time in total, with whatever threads each invocation "
+             f"had (this one: {wall / 60:.1f} min, cached results count as 0, "
+             f"{torch.get_num_threads()} torch thread(s)) on a "
              f"{os.cpu_count()}-core machine, torch {torch.__version__}. Where a tuned rate sits at the "
              f"grid's edge (2^0), the baseline might do better still above the paper's grid.", ""]
     if missing:
