@@ -439,31 +439,29 @@ def test_launch_card_command_spells_out_every_setting_and_reproduces_the_entry(t
     assert load_entry(tmp_path / "b")[1]["sha256"] == card["sha256"]
 
 
+def _first_meta_loss(**scale) -> float:
+    """The first meta-iteration's meta-loss on the quadratic, seed 3, under a loss scale."""
+    cfg = TrainConfig(horizon=10, unroll=5, iterations=1, batch=1, seed=3, **scale)
+    return meta_train(_rule(), build_task("quadratic"), cfg, progress=False).history[0]["meta_loss"]
+
+
 def test_log_loss_meta_objective_is_the_log_of_the_plain_one():
-    task = build_task("quadratic")
-    hist = {}
-    for log in (False, True):
-        cfg = TrainConfig(horizon=10, unroll=5, iterations=1, batch=1, seed=3, log_loss=log)
-        hist[log] = meta_train(_rule(), task, cfg, progress=False).history[0]["meta_loss"]
     # same run, same first segment: only the objective's scale differs
-    assert hist[True] == pytest.approx(math.log(hist[False]), rel=1e-5)
+    assert _first_meta_loss(log_loss=True) == pytest.approx(math.log(_first_meta_loss()), rel=1e-5)
 
 
 def test_relative_loss_divides_the_meta_objective_by_the_runs_initial_loss():
     task = build_task("quadratic")
-    first = {}
-    for rel in (False, True):
-        cfg = TrainConfig(horizon=10, unroll=5, iterations=1, batch=1, seed=3, relative_loss=rel)
-        first[rel] = meta_train(_rule(), task, cfg, progress=False).history[0]["meta_loss"]
     # the run meta_train draws first, rebuilt from its sampler: loss0 is f(theta_0; batch 0)
     sampler = torch.Generator().manual_seed(mix_seed(3, 0x5A3, 0))
     torch.randint(1, (), generator=sampler)  # the task index (one task)
     seeds = torch.randint(0, 2**62, (1,), generator=sampler).tolist()
-    run = _Run([task], _rule(), cfg, 0, seeds, horizon=10)
+    run = _Run([task], _rule(), TrainConfig(), 0, seeds, horizon=10)
     gens = generators(seeds)
     theta0 = task.init_params(gens)
     assert torch.allclose(run.loss0, task.loss(theta0, task.batch(task.make_plan(gens), 0)))
-    assert first[True] == pytest.approx(first[False] / float(run.loss0), rel=1e-5)
+    assert _first_meta_loss(relative_loss=True) == pytest.approx(
+        _first_meta_loss() / float(run.loss0), rel=1e-5)
     with pytest.raises(UserError, match="exclude each other"):
         TrainConfig(log_loss=True, relative_loss=True)
 
