@@ -243,8 +243,7 @@ def train_cmd(
         meta_lr=meta_lr, lr_schedule=lr_schedule, warmup=warmup, ema=ema, batch=batch,
         seed=seed, curriculum=tuple(stages),
         meta_loss=recipe["meta_loss"], log_loss=log_loss, relative_loss=relative_loss,
-        meta_batch_size=meta_batch_size,
-        meta_data=meta_data,
+        meta_batch_size=meta_batch_size, meta_data=meta_data,
         random_scaling=recipe["random_scaling"] if random_scaling is None else
         (3.0 if random_scaling else 0.0),
         convex_combination=recipe["convex_combination"] if convex is None else convex,
