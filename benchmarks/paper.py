@@ -92,7 +92,11 @@ class Missing(Exception):
 
 
 class Cache:
-    """Every evaluation's result, keyed by what determines it; saved after each new entry."""
+    """Every evaluation's result, keyed by what determines it; saved after each new entry.
+
+    Several invocations may share one cache (e.g. ``--only horizon --threads 1`` beside
+    ``--only cnn --threads 1`` on two cores): a save takes an exclusive lock, re-reads the file
+    and adds its entry to what is there, so no process drops another's results."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -104,11 +108,20 @@ class Cache:
         if key not in self.data:
             if compute is None:
                 raise Missing(key)
-            self.data[key] = compute()
-            tmp = self.path.with_suffix(".tmp")
+            self._save(key, compute())
+        return self.data[key]
+
+    def _save(self, key: str, value: dict) -> None:
+        import fcntl  # POSIX only, like the rest of the benchmarks' tooling
+
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.path.exists():  # entries other processes saved since this one read the file
+                self.data.update(json.loads(self.path.read_text()))
+            self.data[key] = value
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(self.data))
             os.replace(tmp, self.path)
-        return self.data[key]
 
 
 def _summary(res, points: int = 200) -> dict:
