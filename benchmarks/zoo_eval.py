@@ -191,12 +191,13 @@ def main() -> None:
                f"{args.cnn_runs} runs, Adam grid 2^-9..2^-5 (CPU cost).  Bar: rnnprop-mix wins on a "
                "majority" + ("" if mix_name == "rnnprop-mix" else
                              f" (the bar names rnnprop-mix; this section scores {mix_name})")
-               + ".  rnnprop-mnist shown for reference (not run on the CNNs, for time)."
+               + (".  rnnprop-mnist shown for reference (not run on the CNNs, for time)."
+                  if "rnnprop-mnist" in entries else "")
                + ("  Adam rates marked * were given with --adam-lr (tuned on the grid by an "
                   "earlier run)." if GIVEN_LR else ""),
                "",
                f"| task | best Adam lr | best Adam | {mix_name} | ratio | rnnprop-mnist | "
-               "mix wins? |", "|---|---|---|---|---|---|---|"]
+               f"{mix_name} wins? |", "|---|---|---|---|---|---|---|"]
         wins = 0
         for tname in names:
             cnn = "cnn" in tname
