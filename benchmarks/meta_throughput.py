@@ -103,9 +103,9 @@ def other_load() -> str:
         load = os.getloadavg()
         top = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--sort=-pcpu"],
                              capture_output=True, text=True).stdout.splitlines()[1:8]
-        busy = [" ".join(line.split()[1:])[:70] for line in top
-                if int(line.split()[0]) != os.getpid() and float(line.split()[1]) > 5.0
-                and not line.split()[2:3] == ["ps"]]  # the probe itself
+        fields = [line.split() for line in top]
+        busy = [" ".join(f[1:])[:70] for f in fields  # not this process, nor the ps probe itself
+                if int(f[0]) != os.getpid() and float(f[1]) > 5.0 and f[2:3] != ["ps"]]
         return f"load average {load[0]:.2f}; busy processes: {', '.join(busy) or 'none'}"
     except Exception as exc:  # noqa: BLE001 - best effort description
         return f"unknown ({exc})"
