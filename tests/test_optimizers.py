@@ -226,14 +226,19 @@ def test_meta_gradient_matches_finite_differences(make):
                 assert w.grad.view(-1)[idx].item() == pytest.approx(fd, rel=1e-5, abs=1e-9)
 
 
-def test_gradients_are_detached_in_differentiable_mode():
-    rule = RNNprop()
+@pytest.mark.parametrize("make", [RNNprop, DMOptimizer])
+def test_the_caller_decides_whether_the_gradient_input_carries_a_graph(make):
+    """First-order meta-training hands the rule detached gradients (no path through g to theta);
+    second-order hands it one with a graph, and the rule must then pass that path on."""
+    torch.manual_seed(0)
+    rule = make()
     theta = torch.randn(5, requires_grad=True)
-    g = 2 * theta  # carries a graph to theta
-    u, _ = rule(g, rule.init_state(5))
+    u, _ = rule((2 * theta).detach(), rule.init_state(5))
     u.sum().backward()
-    assert theta.grad is None  # no second-order path through the gradient
-    assert rule.output.weight.grad is not None
+    assert theta.grad is None and rule.output.weight.grad is not None
+    u, _ = rule(2 * theta, rule.init_state(5))  # g = d(theta^2)/d theta, with its graph
+    (through_g,) = torch.autograd.grad(u.sum(), theta)
+    assert torch.isfinite(through_g).all() and through_g.abs().sum() > 0
 
 
 # -- the torch.optim adapter ------------------------------------------------------------------
@@ -628,3 +633,25 @@ def test_chunk_rows_are_small_on_the_cpu_and_large_on_a_gpu():
     assert len(rule._chunks(n, "cpu")) == math.ceil(n / 8192)
     rule.gpu_chunk_size = 0
     assert rule._chunks(n, "cuda") == [slice(0, n)]
+
+
+def test_features_with_a_graph_equal_the_plain_ones_and_keep_gradients_finite():
+    """Second-order meta-training feeds the rules gradients that carry a graph; exact zeros (a
+    dead unit, a coordinate that never gets gradient) must give the same features as without
+    one, and a finite (not nan) derivative: sqrt(v) at v = 0 and log|g| at g = 0 have none."""
+    from autol2o.optimizers.dm import dm_features
+    from autol2o.optimizers.rnnprop import rnnprop_features
+
+    g = torch.tensor([0.0, 1e-9, -3e-6, 0.2, -4.0])
+    zeros = torch.zeros(5)
+    plain = rnnprop_features(g, zeros, zeros, torch.tensor(1.0), 0.95, 0.95, 1e-8)[0]
+    plain_dm = dm_features(g, 10.0)
+    x = g.clone().requires_grad_(True)
+    feats = rnnprop_features(x, zeros, zeros, torch.tensor(1.0), 0.95, 0.95, 1e-8)[0]
+    feats_dm = dm_features(x, 10.0)
+    assert torch.equal(feats.detach(), plain) and torch.equal(feats_dm.detach(), plain_dm)
+    (grad,) = torch.autograd.grad(feats.sum() + feats_dm.sum(), x)
+    assert torch.isfinite(grad).all()
+    # at g = 0 (v = 0, s = eps): d(g/s)/dg = d(m^/s)/dg = 1/eps; DM: log|g| is clamped
+    # (derivative 0), the sign input is clamp(g e^p, -1, 1) (derivative e^p)
+    assert float(grad[0]) == pytest.approx(2 / 1e-8 + math.exp(10.0), rel=1e-5)

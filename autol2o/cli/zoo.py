@@ -197,6 +197,10 @@ def train_cmd(
         "--relative-loss/--no-relative-loss",
         help="Meta-train on loss / (the run's loss at step 0): tasks on different scales weigh "
              "alike without log(loss)'s unbounded weight on a loss near 0.")] = False,
+    second_order: Annotated[bool, typer.Option(
+        "--second-order/--first-order",
+        help="Keep second derivatives: the exact meta-gradient of each unroll (about 2x the "
+             "cost); both papers drop them (--first-order).")] = False,
     curriculum: Annotated[str | None, typer.Option(
         help="Horizons to move through: 'ITER:HORIZON,...' starting at iteration 0 (e.g. "
              "0:100,200:500,400:1000), or bare horizons spread evenly over --iterations (e.g. "
@@ -243,7 +247,7 @@ def train_cmd(
         meta_lr=meta_lr, lr_schedule=lr_schedule, warmup=warmup, ema=ema, batch=batch,
         seed=seed, curriculum=tuple(stages),
         meta_loss=recipe["meta_loss"], log_loss=log_loss, relative_loss=relative_loss,
-        meta_batch_size=meta_batch_size, meta_data=meta_data,
+        meta_batch_size=meta_batch_size, meta_data=meta_data, second_order=second_order,
         random_scaling=recipe["random_scaling"] if random_scaling is None else
         (3.0 if random_scaling else 0.0),
         convex_combination=recipe["convex_combination"] if convex is None else convex,
@@ -263,6 +267,7 @@ def train_cmd(
             *(["--relative-loss"] if relative_loss else []),
             *(["--meta-batch-size", meta_batch_size] if meta_batch_size else []),
             *(["--meta-data", meta_data] if meta_data != "train" else []),
+            *(["--second-order"] if second_order else []),
             "--validate-every", validate_every, "--val-runs", val_runs,
             *(["--data-dir", data_dir] if data_dir else []),
             "--seed", seed, "--out", out]

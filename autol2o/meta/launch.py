@@ -59,6 +59,7 @@ def canonical_command(rule: str, tasks: list[str], config: TrainConfig, options:
             *(["--relative-loss"] if c.relative_loss else []),
             *(["--meta-batch-size", c.meta_batch_size] if c.meta_batch_size else []),
             *(["--meta-data", c.meta_data] if c.meta_data != "train" else []),
+            *(["--second-order"] if c.second_order else []),
             "--validate-every", c.validate_every, "--val-runs", c.val_runs,
             *(["--data-dir", data_dir] if data_dir else []), "--seed", c.seed, "--out", out]
     return (f"torchrun --nproc_per_node {world} -m autol2o.meta.launch "
@@ -95,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-loss", action="store_true", help="meta-train on log(loss)")
     p.add_argument("--relative-loss", action="store_true",
                    help="meta-train on loss / (the run's loss at step 0)")
+    p.add_argument("--second-order", action="store_true",
+                   help="keep second derivatives (the exact meta-gradient of each unroll)")
     p.add_argument("--magnitude", action="store_true",
                    help="RNNprop with the log-RMS input (see autol2o.optimizers.rnnprop)")
     p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -122,7 +125,8 @@ def _run(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         given["convex_combination"] = args.convex
     # checked before joining the process group, so that a bad option fails every rank alike
     config = TrainConfig(**{**LAUNCH_DEFAULTS, **paper_recipe(args.rule), **given},
-                         log_loss=args.log_loss, relative_loss=args.relative_loss)
+                         log_loss=args.log_loss, relative_loss=args.relative_loss,
+                         second_order=args.second_order)
     options = rule_options(args.rule, args.magnitude)
     rank, world, device = init_distributed(resolve_device(args.device))
     tasks = args.tasks or ["mlp-digits"]

@@ -11,7 +11,11 @@ detached and the run goes on.  With theta_{t+1} = theta_t + rule(g_t, s_t):
 averaged over the B instances.  Both score the parameters *after* each update, so every update
 of a segment gets a meta-gradient; the RNNprop authors' code scores the loss before each update
 (f(theta_{t0+T-1}) for "last"), where a segment's final update gets none.  Gradients g_t are
-computed without a graph (second derivatives dropped, as in both papers).  Tricks (Lv et al. 2017):
+computed without a graph (second derivatives dropped, as in both papers): the meta-gradient then
+treats every g_t as a constant, ignoring that an update changes the gradients that follow.
+``second_order=True`` keeps that path (g_t = grad f(theta_t) with ``create_graph``, so
+Hessian-vector products flow back through the segment): the exact gradient of the segment's
+meta-loss, at about twice the cost.  Tricks (Lv et al. 2017):
 
 * random scaling: per run and coordinate c = exp(U(-r, r)); the optimizee is f(c * theta) started
   from theta0 / c (same values, gradient scales spread over e^{2r});
@@ -113,6 +117,9 @@ class TrainConfig:
     #: grows without limit as one task's loss nears 0 (a digits CNN reaching 1e-3 outweighs the
     #: rest 1000-fold, and multi-task training with ``log_loss`` derailed), 1 / L_0 is fixed
     relative_loss: bool = False
+    #: keep second derivatives: the exact meta-gradient of each segment (the first-order one
+    #: the papers use is biased, since each g_t depends on the earlier updates; see module doc)
+    second_order: bool = False
     random_scaling: float = 0.0   #: r of the random scaling trick; 0 disables it (paper: 3)
     convex_combination: bool = False  #: add the convex-combination term
     convex_dim: int = 20          #: extra parameters of the convex term
@@ -311,11 +318,14 @@ class _Run:
         return self.t >= self.horizon
 
     def unroll(self, rule: LearnedRule, steps: int, meta_loss: str,
-               meta_batch_size: int = 0, meta_data: str = "train") -> Tensor:
+               meta_batch_size: int = 0, meta_data: str = "train",
+               second_order: bool = False) -> Tensor:
         """Advance ``steps`` optimizee steps with a graph to the meta-weights; return the
         per-instance meta-loss ``(B,)``, scored on the step's minibatch or, with
         ``meta_batch_size``, on a separate batch of that many training examples, or with
-        ``meta_data="heldout"`` on held-out examples.  The run's tensors are left detached."""
+        ``meta_data="heldout"`` on held-out examples.  With ``second_order`` every gradient
+        fed to the rule inside the segment keeps its graph to theta_t (module doc).  The run's
+        tensors are left detached."""
         theta, state, grad = self.theta, self.state, self.grad
         terms = []
         for i in range(steps):
@@ -325,8 +335,10 @@ class _Run:
             batch = self.task.batch(self.plan, self.t)
             if meta_loss == "mean" or i == steps - 1:
                 loss = self.objective.loss(theta, batch)
-                # d loss / d theta only (not through the rule): the gradient fed to the rule
-                (grad,) = torch.autograd.grad(loss.sum(), theta, retain_graph=True)
+                # d loss / d theta only (not through the rule): the gradient fed to the rule;
+                # second order keeps its graph where a later step of this segment uses it
+                (grad,) = torch.autograd.grad(loss.sum(), theta, retain_graph=True,
+                                              create_graph=second_order and i < steps - 1)
                 if meta_data == "heldout":
                     size = meta_batch_size or HELDOUT_DEFAULT  # bounded: see HELDOUT_DEFAULT
                     terms.append(self.objective.loss(
@@ -336,6 +348,9 @@ class _Run:
                         theta, self.task.meta_batch(self.plan, self.t, meta_batch_size)))
                 else:
                     terms.append(loss)
+            elif second_order:
+                loss = self.objective.loss(theta, batch)
+                (grad,) = torch.autograd.grad(loss.sum(), theta, create_graph=True)
             else:
                 loss, grad = loss_and_grad(self.objective.loss, theta, batch)
         self.theta = theta.detach()
@@ -581,6 +596,7 @@ def meta_train(rule: LearnedRule, tasks: Task | list[Task], config: TrainConfig,
             "max_horizon": config.max_horizon,
             "meta_iterations": iteration, "meta_loss": config.meta_loss,
             "log_loss": config.log_loss, "relative_loss": config.relative_loss,
+            "second_order": config.second_order,
             "meta_optimizer": "adam", "meta_lr": config.meta_lr,
             "lr_schedule": config.lr_schedule, "warmup": config.warmup, "ema": config.ema,
             "grad_clip": config.grad_clip,
@@ -667,7 +683,8 @@ def _check_resume(ck: dict[str, Any], path: Path, config: TrainConfig, ident: di
 
 def _unroll(run: _Run, rule: LearnedRule, steps: int, config: TrainConfig) -> Tensor:
     """One truncated-BPTT segment (a module-level hook so tests can simulate a kill)."""
-    return run.unroll(rule, steps, config.meta_loss, config.meta_batch_size, config.meta_data)
+    return run.unroll(rule, steps, config.meta_loss, config.meta_batch_size, config.meta_data,
+                      config.second_order)
 
 
 class _LogLines:

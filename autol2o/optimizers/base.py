@@ -5,14 +5,15 @@ plain dict of tensors whose *coordinate* axis is given by :attr:`LearnedRule.sta
 same rule serves a ``torch.optim`` adapter (state per parameter), the meta-trainer (state for B
 optimizee instances at once) and the zoo (weights only).  The update contract is::
 
-    update, new_state = rule(grad, state)      # grad: flat (N,), detached
+    update, new_state = rule(grad, state)      # grad: flat (N,)
     theta_new = theta + update
 
 Two modes, one code path:
 
 * **differentiable** (autograd on): new state tensors are returned and the graph reaches the
-  meta-weights through the update and the recurrent state; gradients ``grad`` are always detached,
-  so second derivatives are dropped (as in both papers);
+  meta-weights through the update and the recurrent state, and through ``grad`` if the caller
+  gave it a graph: the meta-trainer passes detached gradients (second derivatives dropped, as in
+  both papers) unless ``TrainConfig.second_order`` asks for the exact meta-gradient;
 * **inference** (``torch.no_grad()``): state tensors are updated in place, and the network is
   evaluated in row chunks (:meth:`LearnedRule.chunk_rows`: small on the CPU, so activations
   stay in cache; large on a GPU, where each call costs kernel launches).

@@ -26,7 +26,13 @@ from .lstm import CoordinateLSTM, truncated_normal_
 
 def dm_features(grad: Tensor, p: float) -> Tensor:
     """Log-and-sign preprocessing, ``(N,) -> (N, 2)``; g = 0 gives ``[-1, 0]``."""
-    log_mag = torch.clamp(torch.log(grad.abs()) / p, min=-1.0)
+    if grad.requires_grad:  # second-order meta-training: log|g| at g = 0 would make the
+        # meta-gradient nan (0 * inf); the same values, with gradient 0 there
+        zero = grad == 0
+        safe = torch.where(zero, 1.0, grad.abs())
+        log_mag = torch.where(zero, -1.0, torch.clamp(torch.log(safe) / p, min=-1.0))
+    else:
+        log_mag = torch.clamp(torch.log(grad.abs()) / p, min=-1.0)
     sign = torch.clamp(grad * math.exp(p), -1.0, 1.0)
     return torch.stack((log_mag, sign), dim=-1)
 
@@ -66,7 +72,7 @@ def dm_update(net: DMOptimizer, grad: Tensor, state: State, *,
 
     Same two modes as :func:`autol2o.optimizers.rnnprop.rnnprop_update`.
     """
-    feats = dm_features(grad.detach(), net.p)
+    feats = dm_features(grad, net.p)
     step = state["step"] + 1
     if reference or net.differentiable():
         lstm = net.lstm.reference if reference else net.lstm

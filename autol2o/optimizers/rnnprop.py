@@ -52,7 +52,13 @@ def rnnprop_features(grad: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: fl
     m = beta1 * m + (1.0 - beta1) * grad
     v = beta2 * v + (1.0 - beta2) * grad * grad
     m_hat = m / (1.0 - torch.pow(beta1, step))
-    s = torch.sqrt(v / (1.0 - torch.pow(beta2, step))) + eps
+    v_hat = v / (1.0 - torch.pow(beta2, step))
+    if grad.requires_grad:  # second-order meta-training: d sqrt(v)/dv is inf at v = 0, and
+        # inf * 0 = nan would poison the meta-gradient; same values, gradient 0 there instead
+        zero = v_hat == 0
+        s = torch.where(zero, 0.0, torch.sqrt(torch.where(zero, 1.0, v_hat))) + eps
+    else:
+        s = torch.sqrt(v_hat) + eps
     feats = (grad / s, m_hat / s, torch.log(s) / 10.0) if magnitude else (grad / s, m_hat / s)
     return torch.stack(feats, dim=-1), m, v
 
@@ -111,7 +117,6 @@ def rnnprop_update(net: RNNprop, grad: Tensor, state: State, *,
     network runs chunk by chunk.  ``reference=True`` uses the plain LSTM equations instead of the
     fused fast path (ground truth for tests).
     """
-    grad = grad.detach()
     step = state["step"] + 1
     feats, m, v = rnnprop_features(grad, state["m"], state["v"], step, net.beta1, net.beta2,
                                    net.eps, net.magnitude)
