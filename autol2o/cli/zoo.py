@@ -199,8 +199,9 @@ def train_cmd(
              "alike without log(loss)'s unbounded weight on a loss near 0.")] = False,
     second_order: Annotated[bool, typer.Option(
         "--second-order/--first-order",
-        help="Keep second derivatives: the exact meta-gradient of each unroll (about 2x the "
-             "cost); both papers drop them (--first-order).")] = False,
+        help="Keep second derivatives: the exact meta-gradient of each unroll (measured at "
+             "about the first-order cost on the MNIST MLP); both papers drop them "
+             "(--first-order).")] = False,
     curriculum: Annotated[str | None, typer.Option(
         help="Horizons to move through: 'ITER:HORIZON,...' starting at iteration 0 (e.g. "
              "0:100,200:500,400:1000), or bare horizons spread evenly over --iterations (e.g. "
