@@ -150,24 +150,27 @@ class ScriptedRun:
         return r
 
 
-def _scripted_race(tmp_path, capsys, monkeypatch, script, run_class=ScriptedRun, exit_code=0):
-    """A fit (rounds to steps 3 and 9) whose race runs ``run_class``; its report.json."""
+def _scripted_race(tmp_path, capsys, monkeypatch, script, run_class=ScriptedRun, exit_code=0,
+                   cards=None, args=(), out="run"):
+    """A fit (rounds to steps 3 and 9) whose race runs ``run_class``; its report.json.
+    ``cards``: extra card fields per entry name; ``args``: extra fit options."""
     import autol2o.fit.pipeline as pipeline
 
     torch.manual_seed(0)
     zoo = tmp_path / "zoo"
     for name in script:
-        save_entry(RNNprop(), zoo / name, {"name": name})
+        if not (zoo / name).exists():
+            save_entry(RNNprop(), zoo / name, {"name": name, **(cards or {}).get(name, {})})
     monkeypatch.setenv("AUTOL2O_ZOO", str(zoo))
     monkeypatch.setattr(pipeline, "Run", run_class)
     ScriptedRun.script, ScriptedRun.advanced = script, []
     x, y = blobs()
     write_csv(tmp_path / "data" / "train.csv", x, y)
     code, _, err = run_cli(["fit", write_model(tmp_path), tmp_path / "data", *FAST, "--steps",
-                            "90", "--probe", "0.1", "--baselines", "adam",
-                            "--out", tmp_path / "run"], capsys)
+                            "90", "--probe", "0.1", "--baselines", "adam", *args,
+                            "--out", tmp_path / out], capsys)
     assert code == exit_code, err
-    return json.loads((tmp_path / "run" / "report.json").read_text())
+    return json.loads((tmp_path / out / "report.json").read_text())
 
 
 def test_race_falls_back_to_the_furthest_healthy_entry(tmp_path, capsys, monkeypatch):
@@ -230,3 +233,41 @@ def test_runs_started_before_the_halving_race_resume_with_a_full_race():
     del old["race"]
     assert FitConfig.from_dict(old).race == "full"
     assert FitConfig.from_dict(FitConfig().to_dict()).race == "halving"
+
+
+def test_entries_whose_card_opts_out_stay_out_of_the_race(tmp_path, capsys, monkeypatch):
+    """b and d say "race": false: the race is a, c (b would have won it); --race-all races all
+    four and picks b; the report names what was left out."""
+    script = {"a": ({3: 0.5, 9: 0.4}, None), "b": ({3: 0.1, 9: 0.05}, None),
+              "c": ({3: 0.6, 9: 0.3}, None), "d": ({3: 0.2, 9: 0.1}, None)}
+    cards = {"b": {"race": False}, "d": {"race": False}}
+    r = _scripted_race(tmp_path, capsys, monkeypatch, script, cards=cards)
+    race = r["race"]
+    assert race["excluded"] == ["b", "d"] and r["config"]["race_all"] is False
+    assert [e["name"] for e in race["entries"]] == ["a", "c"]
+    # two entries: one round, the whole probe
+    assert ScriptedRun.advanced == [("a", 9), ("c", 9)] and race["picked"] == "c"
+    assert race["steps"] == 18
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert "Left out (card `\"race\": false`; `--race-all` races them): b, d." in md
+    race = _scripted_race(tmp_path, capsys, monkeypatch, script, cards=cards,
+                          args=["--race-all"], out="all")["race"]
+    assert race["excluded"] == [] and race["picked"] == "b"
+    assert [name for name, _ in ScriptedRun.advanced] == ["a", "b", "c", "d", "b", "d"]
+
+
+def test_a_zoo_of_opted_out_entries_still_races(tmp_path, capsys, monkeypatch):
+    """Nothing else usable: the entries that opted out race rather than leave nothing to pick."""
+    race = _scripted_race(tmp_path, capsys, monkeypatch, {
+        "a": ({9: 0.5}, None), "b": ({9: 0.4}, None)},
+        cards={"a": {"race": False}, "b": {"race": False}})["race"]
+    assert race["excluded"] == [] and race["picked"] == "b"
+
+
+def test_runs_started_before_cards_could_opt_out_resume_racing_every_entry():
+    from autol2o.fit.pipeline import FitConfig
+
+    old = FitConfig().to_dict()
+    del old["race_all"]
+    assert FitConfig.from_dict(old).race_all is True
+    assert FitConfig.from_dict(FitConfig().to_dict()).race_all is False

@@ -240,16 +240,19 @@ runner = CliRunner()
 
 
 def test_cli_list_table_and_json(entry, monkeypatch):
-    save_entry(_rule(DMOptimizer), entry.parent / "dm", {**CARD, "evaluation": {}})
+    save_entry(_rule(DMOptimizer), entry.parent / "dm", {**CARD, "evaluation": {},
+                                                         "race": False})
     monkeypatch.setenv("AUTOL2O_ZOO", str(entry.parent))
     res = runner.invoke(app, ["zoo", "list"], env={"COLUMNS": "200"})
     assert res.exit_code == 0, res.output
     lines = [ln for ln in res.output.splitlines() if " rn " in ln or " dm " in ln]
     assert len(lines) == 2
     rn_line = next(ln for ln in lines if " rn " in ln)
-    for cell in ("rnnprop", "quadratic", "100", "0.5x Adam", "6641 params"):
+    for cell in ("rnnprop", "quadratic", "100", "0.5x Adam", "6641 params", " yes "):
         assert cell in rn_line
-    assert "not evaluated" in next(ln for ln in lines if " dm " in ln)
+    dm_line = next(ln for ln in lines if " dm " in ln)
+    assert "not evaluated" in dm_line and " no " in dm_line
+    assert 'the card says "race": false' in res.output
     # an 80-column terminal: a block per entry, every field whole (the table would fold the
     # name and the headline into strips)
     res = runner.invoke(app, ["zoo", "list"], env={"COLUMNS": "80"})
@@ -259,7 +262,8 @@ def test_cli_list_table_and_json(entry, monkeypatch):
     assert out[i] == "rn  rnnprop, horizon 100, 3 meta-iterations, 6641 params, " \
         f"{(entry / WEIGHTS_FILE).stat().st_size / 1024:.1f} KiB"
     assert out[i + 1] == "  trained on: quadratic" and "0.5x Adam" in out[i + 2]
-    assert any(ln.startswith("dm ") for ln in out) and "not evaluated" in res.output
+    dm_line = next(ln for ln in out if ln.startswith("dm "))
+    assert dm_line.endswith("KiB, not raced by fit (--race-all)") and "not evaluated" in res.output
 
     res = runner.invoke(app, ["zoo", "list", "--json"])
     rows = json.loads(res.stdout)
@@ -269,6 +273,15 @@ def test_cli_list_table_and_json(entry, monkeypatch):
     assert rn["horizon"] == 100 and rn["meta_iterations"] == 3
     assert rn["size_bytes"] == (entry / WEIGHTS_FILE).stat().st_size
     assert rn["headline"] == "0.5x Adam"
+    assert rn["race"] is True and rows[0]["race"] is False
+
+
+def test_a_card_whose_race_field_is_not_a_bool_is_refused(entry):
+    card = json.loads((entry / CARD_FILE).read_text())
+    (entry / CARD_FILE).write_text(json.dumps({**card, "race": "no"}))
+    with pytest.raises(ZooError, match=r"card.json: card field 'race' must be true or false, "
+                                       r"got 'no'"):
+        load_rule(entry)
 
 
 def test_cli_show_json_and_root_option(entry):

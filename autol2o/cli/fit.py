@@ -46,6 +46,9 @@ def fit(
     race: Annotated[str, typer.Option(
         help="halving: successive halving (all entries a third of the probe, the best third "
              "on to the full probe); full: every entry the whole probe.")] = "halving",
+    race_all: Annotated[bool, typer.Option(
+        "--race-all", help="Race every zoo entry, also those whose card says \"race\": false "
+                           "(the papers' reproductions and training-task specialists).")] = False,
     baselines: Annotated[str, typer.Option(help="Comma-separated: adam,sgd.")] = "adam,sgd",
     target: Annotated[str | None, typer.Option(help="CSV target column.")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -74,7 +77,8 @@ def fit(
     from autol2o.fit.progress import Reporter
 
     cfg = FitConfig(steps=steps, batch_size=batch_size, probe_fraction=probe, race=race,
-                    trials=trials, seeds=seeds, fine_tune=fine_tune, optimizer=optimizer,
+                    race_all=race_all, trials=trials, seeds=seeds, fine_tune=fine_tune,
+                    optimizer=optimizer,
                     # "adam,adam" would tune and retrain Adam twice, for one leaderboard row
                     baselines=tuple(dict.fromkeys(b.strip() for b in baselines.split(",")
                                                   if b.strip())),
@@ -148,9 +152,9 @@ def demo(
 ) -> None:
     """The embedded default: the bundled MLP on scikit-learn's digits (same as plain `fit`)."""
     fit(ctx, None, None, steps=steps, trials=trials, seeds=seeds, fine_tune=0, optimizer=None,
-        batch_size=128, probe=0.1, race="halving", baselines="adam,sgd", target=None, device="auto",
-        storage=None, study=None, n_jobs=1, seed=0, threads=None, zoo=None, out=out, resume=None,
-        json_out=json_out, quiet=False)
+        batch_size=128, probe=0.1, race="halving", race_all=False, baselines="adam,sgd",
+        target=None, device="auto", storage=None, study=None, n_jobs=1, seed=0, threads=None,
+        zoo=None, out=out, resume=None, json_out=json_out, quiet=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -44,6 +44,8 @@ def summary(entry) -> dict[str, Any]:
         "n_meta_params": card.get("n_meta_params"),
         "size_bytes": weights.stat().st_size if weights.is_file() else None,
         "headline": (card.get("evaluation") or {}).get("headline"),
+        # `autol2o fit` races it (a card opts out with "race": false; --race-all overrides)
+        "race": card.get("race", True) is not False,
         "error": entry.error,
     }
 
@@ -64,7 +66,8 @@ def _console():
 
 @app.command("list")
 def list_cmd(root: RootOpt = None, as_json: JsonOpt = False) -> None:
-    """List the zoo: name, rule, training tasks, horizon, meta-iterations, size, headline."""
+    """List the zoo: name, rule, training tasks, horizon, meta-iterations, size, whether `fit`
+    races it, headline."""
     from autol2o.zoo import list_entries, zoo_root
 
     entries = list_entries(root)
@@ -82,17 +85,22 @@ def list_cmd(root: RootOpt = None, as_json: JsonOpt = False) -> None:
     from rich.table import Table
 
     table = Table(title=f"autol2o zoo ({zoo_root(root)})")
-    for col in ("name", "rule", "trained on", "horizon", "meta-iters", "size", "headline result"):
+    for col in ("name", "rule", "trained on", "horizon", "meta-iters", "size", "raced",
+                "headline result"):
         # a name must not wrap ("rnnprop-l / ong"); the long cells fold
-        table.add_column(col, overflow="fold", no_wrap=col in ("name", "rule"))
+        table.add_column(col, overflow="fold", no_wrap=col in ("name", "rule", "raced"))
     for r in rows:
         table.add_row(r["name"], str(r["rule"]), ", ".join(r["trained_on"]) or "?",
-                      _fmt(r["horizon"]), _fmt(r["meta_iterations"]), _size(r), _headline(r))
+                      _fmt(r["horizon"]), _fmt(r["meta_iterations"]), _size(r),
+                      "yes" if r["race"] else "no", _headline(r))
     con.print(table)
+    if not all(r["race"] for r in rows):
+        con.print("raced: whether `autol2o fit` races the entry (no: the card says "
+                  '"race": false; `fit --race-all` races it too)', soft_wrap=True)
 
 
 #: terminal width from which ``zoo list`` prints one table row per entry; narrower terminals
-#: (80 columns, CI logs) get a block per entry, since seven columns fold the headline into a
+#: (80 columns, CI logs) get a block per entry, since eight columns fold the headline into a
 #: one-word-wide strip there
 WIDE_TABLE = 120
 
@@ -114,7 +122,8 @@ def _print_entries(con, rows: list[dict], root) -> None:
     for r in rows:
         con.print(f"\n[bold]{escape(r['name'])}[/bold]  {escape(str(r['rule']))}, horizon "
                   f"{_fmt(r['horizon'])}, {_fmt(r['meta_iterations'])} meta-iterations, "
-                  f"{_size(r)}", soft_wrap=True)
+                  f"{_size(r)}" + ("" if r["race"] else ", not raced by fit (--race-all)"),
+                  soft_wrap=True)
         con.print(f"  trained on: {escape(', '.join(r['trained_on']) or '?')}", soft_wrap=True)
         con.print(f"  headline:   {escape(_headline(r))}", soft_wrap=True)
 

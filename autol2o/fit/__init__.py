@@ -122,7 +122,7 @@ def optimize(model: nn.Module | Callable[[], nn.Module], train_loader: Iterable 
              optimizer: str | None = None, batch_size: int | None = None,
              storage: str | None = None, study: str | None = None, n_jobs: int = 1,
              seed: int = 0, zoo: str | Path | None = None, race: str = "halving",
-             resume: bool = False, progress: bool = True) -> Result:
+             race_all: bool = False, resume: bool = False, progress: bool = True) -> Result:
     """Train ``model`` with the best learned optimizer and compare with Optuna-tuned Adam/SGD.
 
     Args:
@@ -139,6 +139,8 @@ def optimize(model: nn.Module | Callable[[], nn.Module], train_loader: Iterable 
             unless ``resume=True``.
         race: ``"halving"`` (successive halving over the zoo) or ``"full"`` (every entry the
             whole probe); ``optimizer=NAME`` skips the race.
+        race_all: also race the entries whose card says ``"race": false`` (the papers'
+            reproductions and training-task specialists, left out by default).
 
     Returns a :class:`Result`: ``.winner``, ``.leaderboard``, ``.model`` (trained by the winner),
     ``.report`` (the ``report.json`` dict) and ``.run_dir``.
@@ -150,7 +152,7 @@ def optimize(model: nn.Module | Callable[[], nn.Module], train_loader: Iterable 
     cfg = FitConfig(steps=steps, trials=trials, seeds=seeds, fine_tune=fine_tune, device=device,
                     batch_size=batch_size or bs, optimizer=optimizer, storage=storage,
                     study=study, n_jobs=n_jobs, seed=seed, race=race,
-                    zoo=None if zoo is None else str(zoo))
+                    race_all=race_all, zoo=None if zoo is None else str(zoo))
     cfg.validate()
     check_zoo(cfg)
     data = from_tensors(x, y, xv, yv, seed=seed, task=task)

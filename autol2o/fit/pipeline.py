@@ -7,7 +7,8 @@ Phases (each resumable from the run directory's ``state.json`` and the Optuna st
    (``optimizer=NAME`` skips it).  By default a successive-halving race
    (:func:`race_rounds`): every entry runs ``probe / 3^(R-1)`` steps, the best third continue
    to 3x as many, and so on until the last round's survivors reach ``probe``; ``race="full"``
-   runs every entry the whole probe;
+   runs every entry the whole probe.  Entries whose card says ``"race": false`` stay out
+   unless ``race_all`` (or unless no other entry is usable);
 2. **fine-tune** (``fine_tune = N > 0``): :func:`autol2o.meta.meta_train` on a
    :class:`autol2o.meta.ModuleTask` of the user's model and data, N meta-iterations; the result is
    saved with :func:`autol2o.zoo.save_entry` in ``RUN/fine-tuned/`` and used if a full-length
@@ -93,6 +94,8 @@ class FitConfig:
     batch_size: int = 128
     probe_fraction: float = 0.1         #: race probe length as a fraction of ``steps``
     race: str = "halving"               #: "halving" (successive halving) or "full"
+    #: race every usable zoo entry, also those whose card says ``"race": false``
+    race_all: bool = False
     trials: int = 20                    #: finished Optuna trials per baseline
     seeds: int = 3                      #: seeds per contender in the finals
     fine_tune: int = 0                  #: meta-iterations of fine-tuning (0: none)
@@ -144,6 +147,7 @@ class FitConfig:
         d = dict(d)
         d["baselines"] = tuple(d.get("baselines", ("adam", "sgd")))
         d.setdefault("race", "full")  # runs started before the halving race raced in full
+        d.setdefault("race_all", True)  # ... and before cards could opt out, raced every entry
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
@@ -293,7 +297,7 @@ class FitRun:
             ph["race"] = {"skipped": True, "picked": name,
                           "picked_path": str(_entry_path(cfg.optimizer, cfg.zoo).resolve()),
                           "probe_steps": 0, "mode": None, "rounds": [], "entries": [],
-                          "steps": 0}
+                          "excluded": [], "steps": 0}
             self.out.log(f"race skipped: using {name} (--optimizer)")
             self._save_state()
             return rule, name
@@ -308,6 +312,18 @@ class FitRun:
                              "diverged": False, "steps": 0, "wall_time": 0.0})
                 continue
             racers.append((e, rule))
+        # Entries whose card opts out (the papers' reproductions, training-task specialists)
+        # cost race steps and, worse, a specialist can lead a short probe and then stall over
+        # the full budget; unless no other entry is usable, they stay out.
+        excluded: list[str] = []
+        if not cfg.race_all:
+            keep = [(e, r) for e, r in racers if e.card.get("race", True)]
+            if keep:
+                excluded = [e.name for e, _ in racers if not e.card.get("race", True)]
+                racers = keep
+        if excluded:
+            self.out.log(f"race: leaving out {', '.join(excluded)} (card \"race\": false; "
+                         "--race-all includes them)")
         rounds = race_rounds(len(racers), cfg.probe_steps, cfg.race)
         eval_every = default_eval_every(cfg.probe_steps)
         running: dict[int, Run] = {}          # paused between rounds
@@ -365,7 +381,7 @@ class FitRun:
                       "picked_path": str(picked.path.resolve()),
                       "probe_steps": cfg.probe_steps, "mode": cfg.race,
                       "rounds": [length for length, _ in rounds], "entries": rows,
-                      "steps": sum(r["steps"] for r in rows)}
+                      "excluded": excluded, "steps": sum(r["steps"] for r in rows)}
         self.out.log("race: " + ", ".join(
             f"{r['name']} " + ("unusable" if r.get("error") else "diverged" if r["diverged"]
                                else "not probed" if not r["steps"] else

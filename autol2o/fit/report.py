@@ -15,14 +15,17 @@ Version 2 (stop 14): ``verdict.noise``/``p_value`` come from a paired t-test ove
                      data {source, format, task, n_train, n_val, input_shape, n_classes, classes,
                            standardized, split, notes} (the DATA path is data.source), plus
                      the CLI's target argument
-    config           FitConfig fields (steps, batch_size, probe_fraction, race, trials, seeds,
-                     fine_tune, optimizer, baselines, device, storage (a password shown as
-                     ***), study, n_jobs, seed, threads, zoo) + probe_steps, eval_every
+    config           FitConfig fields (steps, batch_size, probe_fraction, race, race_all,
+                     trials, seeds, fine_tune, optimizer, baselines, device, storage (a
+                     password shown as ***), study, n_jobs, seed, threads, zoo) + probe_steps,
+                     eval_every
     race             null | {skipped, picked, picked_path, probe_steps, mode ("halving",
                              "full", or null when skipped; absent in runs started before
                              autol2o had the halving race), rounds (the step each round trains
                              its survivors to; [] when skipped),
-                             steps (all entries' steps),
+                             steps (all entries' steps), excluded (names of usable
+                             entries left out because their card says "race": false; []
+                             with race_all, when skipped, or in runs from before the field),
                              entries: [{name, path, val_loss, val_acc, diverged, steps (how
                                         far it got: entries out after an early round have
                                         fewer), wall_time, curve}]}  (an entry that failed to
@@ -255,7 +258,9 @@ def markdown(r: dict[str, Any]) -> str:
                    ", ".join(str(n) for n in race["rounds"]) + "; " if
                    race.get("mode") == "halving" and race.get("rounds") else "")
             lines += [f"Probe: {race['probe_steps']} steps from identical initial weights "
-                      f"({how}{race['steps']} steps in all).", "",
+                      f"({how}{race['steps']} steps in all)."
+                      + (f" Left out (card `\"race\": false`; `--race-all` races them): "
+                         f"{', '.join(race['excluded'])}." if race.get("excluded") else ""), "",
                       "| optimizer | steps | val loss | |", "|---|---|---|---|"]
             for e in race["entries"]:
                 state = "error: " + e["error"] if e.get("error") else \

@@ -55,6 +55,8 @@ CARD_FIELDS = (
     "wall_time_s",      # meta-training wall time
     "hardware",         # where it was trained
     "evaluation",       # {"headline": "...", ...} filled by benchmarks/zoo_eval.py
+    "race",             # false: `autol2o fit`'s race leaves the entry out unless --race-all
+                        # (references and specialists); absent or true: it races
     "command",          # the command line that reproduces the entry
     "init_from",        # {"entry", "sha256", "meta_iterations"} when training started from
                         # another entry's weights (``zoo train --init``), else absent
@@ -152,6 +154,8 @@ def read_card(entry_dir: Path) -> dict[str, Any]:
     for key, kind in (("rule_config", dict), ("sha256", str)):
         if not isinstance(card.get(key), kind):
             raise ZooError(f"{path}: card field {key!r} missing or not a {kind.__name__}")
+    if not isinstance(card.get("race", True), bool):
+        raise ZooError(f"{path}: card field 'race' must be true or false, got {card['race']!r}")
     if card["rule_config"].get("rule") not in RULES:
         raise ZooError(f"{path}: unknown rule {card['rule_config'].get('rule')!r} "
                        f"(known: {', '.join(sorted(RULES))})")
