@@ -25,7 +25,7 @@ Version 2 (stop 14): ``verdict.noise``/``p_value`` come from a paired t-test ove
                              its survivors to; [] when skipped),
                              steps (all entries' steps), excluded (names of usable
                              entries left out because their card says "race": false; []
-                             with race_all, when skipped, or in runs from before the field),
+                             with race_all or when skipped; absent in runs from before it),
                              entries: [{name, path, val_loss, val_acc, diverged, steps (how
                                         far it got: entries out after an early round have
                                         fewer), wall_time, curve}]}  (an entry that failed to
