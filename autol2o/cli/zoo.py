@@ -44,8 +44,7 @@ def summary(entry) -> dict[str, Any]:
         "n_meta_params": card.get("n_meta_params"),
         "size_bytes": weights.stat().st_size if weights.is_file() else None,
         "headline": (card.get("evaluation") or {}).get("headline"),
-        # `autol2o fit` races it (a card opts out with "race": false; --race-all overrides)
-        "race": card.get("race", True) is not False,
+        "race": entry.races,  # `autol2o fit` races it (--race-all overrides an opt-out)
         "error": entry.error,
     }
 

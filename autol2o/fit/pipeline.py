@@ -317,9 +317,9 @@ class FitRun:
         # the full budget; unless no other entry is usable, they stay out.
         excluded: list[str] = []
         if not cfg.race_all:
-            keep = [(e, r) for e, r in racers if e.card.get("race", True)]
+            keep = [(e, r) for e, r in racers if e.races]
             if keep:
-                excluded = [e.name for e, _ in racers if not e.card.get("race", True)]
+                excluded = [e.name for e, _ in racers if not e.races]
                 racers = keep
         if excluded:
             self.out.log(f"race: leaving out {', '.join(excluded)} (card \"race\": false; "

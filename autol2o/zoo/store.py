@@ -79,6 +79,11 @@ class ZooEntry:
     error: str | None = None   # why the card cannot be read (then ``card`` is empty)
 
     @property
+    def races(self) -> bool:
+        """Whether ``autol2o fit``'s race includes it (a card opts out with ``"race": false``)."""
+        return self.card.get("race", True) is not False
+
+    @property
     def weights_path(self) -> Path:
         return self.path / WEIGHTS_FILE
 
