@@ -17,7 +17,8 @@ from autol2o.zoo import list_entries, load_entry, save_entry, shipped_root
 
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED = {"rnnprop-mnist": RNNprop, "rnnprop-mnist-v2": RNNprop, "rnnprop-mnist-v3": RNNprop,
-            "dm-mnist": DMOptimizer, "rnnprop-mix": RNNprop, "rnnprop-long": RNNprop}
+            "dm-mnist": DMOptimizer, "rnnprop-mix": RNNprop, "rnnprop-long": RNNprop,
+            "rnnprop-mnist-v4": RNNprop, "rnnprop-mlp300": RNNprop}
 
 
 def test_shipped_entries_load_and_verify(tmp_path):
@@ -78,7 +79,8 @@ def test_fit_races_the_general_entries_and_not_the_references():
     race = {e.name: e.card.get("race", True) for e in list_entries(shipped_root())}
     assert {n for n, r in race.items() if not r} == {"dm-mnist", "rnnprop-mnist",
                                                      "rnnprop-mnist-v4"}
-    assert {"rnnprop-mnist-v3", "rnnprop-mnist-v2", "rnnprop-mix", "rnnprop-long"} <= \
+    assert {"rnnprop-mnist-v3", "rnnprop-mnist-v2", "rnnprop-mix", "rnnprop-long",
+            "rnnprop-mlp300"} <= \
         {n for n, r in race.items() if r}
 
 
