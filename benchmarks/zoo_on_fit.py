@@ -17,6 +17,7 @@ Writes ``benchmarks/results/zoo_on_fit.md``.
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import tempfile
@@ -64,15 +65,16 @@ def main() -> None:
     for spec in contenders(args.entries, adam):
         runs = [train_run(p, spec, steps=args.steps, seed=s, batch_size=128, eval_every=every)
                 for s in seeds]
-        finals = [r.val_loss[-1] for r in runs]
-        reach = [r.steps_to_reach(args.target) for r in runs]
-        # validation steps are the same for every run (the grid), unless a run diverged
-        curve = {s: statistics.mean(r.val_loss[i] for r in runs)
-                 for i, s in enumerate(runs[0].steps) if s % 100 == 0 and s > 0
-                 and all(len(r.val_loss) > i for r in runs)}
-        rows.append((spec.name, reach, statistics.mean(finals), statistics.stdev(finals), curve))
-        print(f"{spec.name}: reaches {args.target} at {reach}, final "
-              f"{statistics.mean(finals):.4f}", flush=True)
+        # a diverged run stops early with an infinite loss: it is counted, not averaged
+        ok = [r for r in runs if not r.diverged]
+        finals = [r.val_loss[-1] for r in ok]
+        reach = [None if r.diverged else r.steps_to_reach(args.target) for r in runs]
+        curve = {s: statistics.mean(r.val_loss[i] for r in ok)
+                 for i, s in enumerate(ok[0].steps) if s % 100 == 0 and s > 0} if ok else {}
+        mean = statistics.mean(finals) if finals else math.inf
+        std = statistics.stdev(finals) if len(finals) > 1 else 0.0
+        rows.append((spec.name, reach, mean, std, len(runs) - len(ok), curve))
+        print(f"{spec.name}: reaches {args.target} at {reach}, final {mean:.4f}", flush=True)
     wall = time.perf_counter() - t0
 
     marks = sorted({s for *_, curve in rows for s in curve})
@@ -87,13 +89,13 @@ def main() -> None:
         + (f" --entries {args.entries}" if args.entries else "")
         + f" --adam {args.adam} --steps {args.steps} --target {args.target}`.",
         "",
-        "| contender | first step <= target (per seed) | final val loss (mean ± std) | "
+        "| contender | first step <= target (per seed) | final val loss (mean ± std) | diverged | "
         + " | ".join(f"val @{s}" for s in marks) + " |",
-        "|---|---|---|" + "---|" * len(marks),
+        "|---|---|---|---|" + "---|" * len(marks),
     ]
-    for name, reach, mean, std, curve in rows:
+    for name, reach, mean, std, div, curve in rows:
         r = " / ".join("never" if s is None else str(s) for s in reach)
-        lines.append(f"| {name} | {r} | {mean:.4f} ± {std:.4f} | "
+        lines.append(f"| {name} | {r} | {mean:.4f} ± {std:.4f} | {div} | "
                      + " | ".join(f"{curve[s]:.4f}" if s in curve else "-" for s in marks)
                      + " |")
     Path(args.out).write_text("\n".join(lines) + "\n")
