@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from fit_vs_optuna import MNIST_MODEL
 
-from autol2o.fit import Problem, load_data, load_model_file
+from autol2o.fit import FitConfig, Problem, load_data, load_model_file
 from autol2o.fit.pipeline import resolve_device
 from autol2o.fit.train import OptSpec, default_eval_every, train_run
 from autol2o.zoo import list_entries, load_rule, shipped_root
@@ -59,11 +59,12 @@ def main() -> None:
                 resolve_device("cpu"))
     p.check()
     every = default_eval_every(args.steps)
+    batch = FitConfig().batch_size  # what `autol2o fit` trains with by default
     seeds = [args.seed + 1 + i for i in range(3)]
     adam = [float(x) for x in args.adam.split(",") if x.strip()]
     rows, t0 = [], time.perf_counter()
     for spec in contenders(args.entries, adam):
-        runs = [train_run(p, spec, steps=args.steps, seed=s, batch_size=128, eval_every=every)
+        runs = [train_run(p, spec, steps=args.steps, seed=s, batch_size=batch, eval_every=every)
                 for s in seeds]
         # a diverged run stops early with an infinite loss: it is counted, not averaged
         ok = [r for r in runs if not r.diverged]
@@ -82,7 +83,7 @@ def main() -> None:
         "# Zoo entries on `fit_vs_optuna.py`'s MNIST model, outside the race",
         "",
         f"784-64-10 ReLU MLP on MNIST (`fit`'s split, seed {args.seed}), {args.steps} steps, "
-        f"batch 128, validation every {every} steps; seeds {seeds} (the finals' seeds); "
+        f"batch {batch}, validation every {every} steps; seeds {seeds} (the finals' seeds); "
         f"target = validation loss {args.target}. Wall time {wall:.0f} s on "
         f"{platform.machine()}, torch {torch.__version__}, {args.threads} thread(s). "
         f"Command: `python benchmarks/zoo_on_fit.py --data-dir DIR"

@@ -76,7 +76,7 @@ def test_each_cards_command_names_exactly_its_training_tasks():
 def test_fit_races_the_general_entries_and_not_the_references():
     """The papers' reproductions and the training-task specialist opt out of `fit`'s race
     (card "race": false; see pretrained/README.md), the general-purpose entries race."""
-    race = {e.name: e.card.get("race", True) for e in list_entries(shipped_root())}
+    race = {e.name: e.races for e in list_entries(shipped_root())}
     assert {n for n, r in race.items() if not r} == {"dm-mnist", "rnnprop-mnist",
                                                      "rnnprop-mnist-v4"}
     assert {"rnnprop-mnist-v3", "rnnprop-mnist-v2", "rnnprop-mix", "rnnprop-long",
