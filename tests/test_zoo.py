@@ -511,3 +511,30 @@ def test_atomic_write_syncs_before_rename_and_a_failed_write_keeps_the_old_file(
         atomic.atomic_write_text(target, "newer")
     assert target.read_text() == "new"                              # the old file is whole
     assert [p.name for p in tmp_path.iterdir()] == ["card.json"]
+
+
+def test_cli_list_verifies_every_checksum(entry, monkeypatch):
+    """``zoo list`` vouches for what ``fit`` will load: a flipped byte shows as unusable (it
+    used to read only the cards) and an entry whose card cannot be read is not shown as raced."""
+    data = bytearray((entry / WEIGHTS_FILE).read_bytes())
+    data[-1] ^= 0x01
+    (entry / WEIGHTS_FILE).write_bytes(bytes(data))
+    (entry.parent / "cardless").mkdir()
+    (entry.parent / "cardless" / WEIGHTS_FILE).write_bytes(b"x")
+    monkeypatch.setenv("AUTOL2O_ZOO", str(entry.parent))
+    res = runner.invoke(app, ["zoo", "list", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["name"]: r for r in json.loads(res.output)}
+    assert "sha256 mismatch" in rows["rn"]["error"] and str(entry / WEIGHTS_FILE) in rows["rn"][
+        "error"]
+    assert rows["cardless"]["error"] and rows["cardless"]["race"] is False
+
+
+def test_cli_train_refuses_a_foreign_non_empty_folder(tmp_path, capsys):
+    out = tmp_path / "notes"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    err = _train_error(capsys, [*TRAIN, "--out", str(out)])
+    assert err == (f"error: {out}: exists, is not empty and holds no zoo entry (choose a new "
+                   "--out, or --overwrite to write the entry into it)")
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]

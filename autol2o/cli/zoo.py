@@ -67,9 +67,18 @@ def _console():
 def list_cmd(root: RootOpt = None, as_json: JsonOpt = False) -> None:
     """List the zoo: name, rule, training tasks, horizon, meta-iterations, size, whether `fit`
     races it, headline."""
-    from autol2o.zoo import list_entries, zoo_root
+    from autol2o.errors import UserError
+    from autol2o.zoo import ZooError, list_entries, verified_weights, zoo_root
 
+    if not zoo_root(root).is_dir():
+        raise UserError(f"{zoo_root(root)}: zoo directory not found")
     entries = list_entries(root)
+    for e in entries:  # the listing vouches for what `fit` will load: check every checksum
+        if e.error is None:
+            try:
+                verified_weights(e.path, e.card)
+            except ZooError as exc:
+                e.error = str(exc)
     rows = [summary(e) for e in entries]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))

@@ -150,7 +150,7 @@ def optimize(model: nn.Module | Callable[[], nn.Module], train_loader: Iterable 
     if val_loader is not None:
         xv, yv, _ = _materialise(val_loader, "val_loader")
     cfg = FitConfig(steps=steps, trials=trials, seeds=seeds, fine_tune=fine_tune, device=device,
-                    batch_size=batch_size or bs, optimizer=optimizer, storage=storage,
+                    batch_size=bs if batch_size is None else batch_size, optimizer=optimizer, storage=storage,
                     study=study, n_jobs=n_jobs, seed=seed, race=race,
                     race_all=race_all, zoo=None if zoo is None else str(zoo))
     cfg.validate()

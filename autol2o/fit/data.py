@@ -226,7 +226,19 @@ def _read_csv(p: Path, target: str | None) -> tuple[np.ndarray, np.ndarray, list
     return x, y, [header[j] for j in feats], header[t]
 
 
+def _magic(p: Path, magic: bytes, what: str) -> None:
+    # np.load treats a file without its magic as a pickle, and then blames pickling
+    try:
+        with open(p, "rb") as f:
+            head = f.read(len(magic))
+    except OSError as e:
+        raise UserError(f"{p}: cannot read ({e.strerror or e})") from None
+    if head != magic:
+        raise UserError(f"{p}: not a valid {what} file (no {what} header)")
+
+
 def _read_npz(p: Path) -> dict[str, np.ndarray]:
+    _magic(p, b"PK", "NPZ")
     try:
         with np.load(p, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
@@ -237,6 +249,7 @@ def _read_npz(p: Path) -> dict[str, np.ndarray]:
 
 
 def _read_npy(p: Path) -> np.ndarray:
+    _magic(p, b"\x93NUMPY", "NPY")
     try:
         return np.load(p, allow_pickle=False)
     except ValueError as e:
@@ -597,7 +610,7 @@ def _count(mask: np.ndarray) -> str:
 
 
 def _finish(x, y, xv, yv, where, fmt, seed, task, val_fraction, *, tabular,
-            source=None) -> FitData:
+            source=None, val_where=None) -> FitData:
     from sklearn.model_selection import train_test_split
 
     x, y = np.asarray(x), np.asarray(y)
@@ -615,12 +628,13 @@ def _finish(x, y, xv, yv, where, fmt, seed, task, val_fraction, *, tabular,
             xv = xv[:, None]
         if yv.ndim == 2 and yv.shape[1] == 1:
             yv = yv[:, 0]
-        _check(xv, yv, where)
+        vw = val_where or where  # the API's validation data have their own name: blame it
+        _check(xv, yv, vw)
         if xv.shape[1:] != x.shape[1:]:
-            raise UserError(f"{where}: validation inputs have shape {xv.shape[1:]}, "
+            raise UserError(f"{vw}: validation inputs have shape {xv.shape[1:]}, "
                             f"training inputs {x.shape[1:]}")
-        yv, _ = _labels(yv, where, task)
-        _check_targets(yv, where, "validation ")
+        yv, _ = _labels(yv, vw, task)
+        _check_targets(yv, vw, "validation ")
     if task not in ("classification", "regression"):
         raise UserError(f"{where}: task must be 'classification' or 'regression', got {task!r}")
 
@@ -713,4 +727,4 @@ def from_tensors(x: Tensor, y: Tensor, x_val: Tensor | None = None, y_val: Tenso
         return None if t is None else torch.as_tensor(t).detach().cpu().numpy()
 
     return _finish(np_(x), np_(y), np_(x_val), np_(y_val), "train_loader", "tensors", seed, task,
-                   val_fraction, tabular=False, source="data loaders")
+                   val_fraction, tabular=False, source="data loaders", val_where="val_loader")

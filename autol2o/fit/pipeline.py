@@ -114,6 +114,21 @@ class FitConfig:
     threads: int | None = None
 
     def validate(self) -> None:
+        for k in ("steps", "batch_size", "trials", "seeds", "n_jobs", "fine_tune", "seed"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool):  # the API and a resumed state.json
+                raise UserError(f"--{k.replace('_', '-')} must be an integer, got {v!r}")
+        for k, flag in (("threads", "--threads"), ("eval_every", "eval_every")):
+            v = getattr(self, k)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool)):
+                raise UserError(f"{flag} must be an integer, got {v!r}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise UserError(f"eval_every must be >= 1, got {self.eval_every}")
+        # sklearn's splits and numpy's generators take seeds in [0, 2^32)
+        if not 0 <= self.seed < 2**32:
+            raise UserError(f"--seed must lie in [0, 2^32), got {self.seed}")
+        if not isinstance(self.probe_fraction, (int, float)) or isinstance(self.probe_fraction, bool):
+            raise UserError(f"--probe must be a number, got {self.probe_fraction!r}")
         for k in ("steps", "batch_size", "trials", "seeds", "n_jobs"):
             if getattr(self, k) < 1:
                 raise UserError(f"--{k.replace('_', '-')} must be >= 1, got {getattr(self, k)}")
@@ -206,9 +221,24 @@ def read_state(run_dir: Path) -> dict[str, Any]:
     if not f.is_file():
         raise UserError(f"{f}: not found; --resume needs a run directory made by autol2o fit")
     try:
-        return json.loads(f.read_text())
+        state = json.loads(f.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"{f}: cannot read run state ({type(e).__name__})") from e
+    # valid JSON of another shape (hand-edited, or not autol2o's) must also be one clear line
+    if not isinstance(state, dict):
+        raise UserError(f"{f}: not a run state (a JSON {type(state).__name__}, expected an object)")
+    if not isinstance(state.get("config"), dict):
+        raise UserError(f"{f}: not a run state (no 'config' object)")
+    for k in ("inputs", "phases"):
+        if k in state and not isinstance(state[k], dict):
+            raise UserError(f"{f}: not a run state ('{k}' is not an object)")
+    try:
+        cfg = FitConfig.from_dict(state["config"])
+        cfg.validate()
+    except (TypeError, ValueError, UserError) as e:
+        why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        raise UserError(f"{f}: bad 'config' ({' '.join(why.split())})") from e
+    return state
 
 
 # -- the pipeline -----------------------------------------------------------------------------

@@ -22,11 +22,13 @@ from .store import (
     sha256_file,
     shipped_root,
     update_card,
+    verified_weights,
     zoo_root,
 )
 
 __all__ = [
     "CARD_FIELDS", "CARD_FILE", "ENV_VAR", "FORMAT_VERSION", "WEIGHTS_FILE", "ZooEntry",
     "ZooError", "hardware_summary", "list_entries", "load_entry", "load_rule", "read_card",
-    "resolve", "save_entry", "sha256_file", "shipped_root", "update_card", "zoo_root",
+    "resolve", "save_entry", "sha256_file", "shipped_root", "update_card", "verified_weights",
+    "zoo_root",
 ]

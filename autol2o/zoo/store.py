@@ -80,8 +80,9 @@ class ZooEntry:
 
     @property
     def races(self) -> bool:
-        """Whether ``autol2o fit``'s race includes it (a card opts out with ``"race": false``)."""
-        return self.card.get("race", True) is not False
+        """Whether ``autol2o fit``'s race includes it (a card opts out with ``"race": false``;
+        an entry whose card cannot be read never races)."""
+        return self.error is None and self.card.get("race", True) is not False
 
     @property
     def weights_path(self) -> Path:
@@ -193,6 +194,20 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def verified_weights(entry_dir: Path, card: dict[str, Any]) -> bytes:
+    """The bytes of the entry's weights file, after checking them against the card's sha256
+    (nothing is parsed: a tampered file is refused before any reader sees it)."""
+    wpath = Path(entry_dir) / WEIGHTS_FILE
+    if not wpath.is_file():
+        raise ZooError(f"{wpath}: weights file missing")
+    data = wpath.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != card["sha256"].lower():
+        raise ZooError(f"{wpath}: sha256 mismatch, file is corrupt or tampered "
+                       f"(card {card['sha256'][:12]}..., file {digest[:12]}...)")
+    return data
+
+
 def load_entry(name_or_path: str | Path,
                root: Path | str | None = None) -> tuple[LearnedRule, dict[str, Any]]:
     """Load a zoo entry: ``(rule with its meta-weights, card)``.
@@ -203,13 +218,7 @@ def load_entry(name_or_path: str | Path,
     entry = resolve(name_or_path, root)
     card = read_card(entry)
     wpath = entry / WEIGHTS_FILE
-    if not wpath.is_file():
-        raise ZooError(f"{wpath}: weights file missing")
-    data = wpath.read_bytes()
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != card["sha256"].lower():
-        raise ZooError(f"{wpath}: sha256 mismatch, file is corrupt or tampered "
-                       f"(card {card['sha256'][:12]}..., file {digest[:12]}...)")
+    data = verified_weights(entry, card)
     try:
         tensors = st_load(data)
     except (SafetensorError, ValueError, RuntimeError) as exc:
