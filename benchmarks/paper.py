@@ -29,7 +29,9 @@ evaluations are computed (results are keyed by each entry's checksum).
 
 Results: ``benchmarks/results/paper.md`` and ``benchmarks/results/paper-*.png``; every single
 evaluation is cached in ``paper-cache-{quick,full}.json`` so an interrupted run resumes where it
-stopped.
+stopped.  The cache is not committed: in a fresh checkout a rerun sees none of the committed
+report's rows, so a report that would lose rows goes to ``paper.new.md`` (``--force`` replaces
+``paper.md``).
 """
 
 from __future__ import annotations
@@ -276,7 +278,7 @@ def run(args) -> None:
             if args.report_only:  # every table row gets its plot, wherever it was computed
                 plot(args.out, preset, steps, row)
     write_report(args.out, tables, missing, cache, runs, tune_runs, mode,
-                 time.perf_counter() - t_start, args.quick, rnnprop, args.device)
+                 time.perf_counter() - t_start, args.quick, rnnprop, args.device, args.force)
 
 
 def plot(out: Path, preset: str, steps: int, row) -> None:
@@ -310,7 +312,7 @@ def plot(out: Path, preset: str, steps: int, row) -> None:
 
 def write_report(out: Path, tables, missing: list[str], cache: Cache, runs: int, tune_runs: int,
                  mode: str, wall: float, quick: bool, rnnprop: list[str],
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", force: bool = False) -> None:
     """Write ``paper.md``; the ratio column is the best of the ``rnnprop`` contenders over the
     best tuned baseline.  A contender with a diverged run scores inf (:func:`_score`): it is
     never bold and never wins, and a task where every RNNprop contender diverged still counts,
@@ -375,8 +377,27 @@ def write_report(out: Path, tables, missing: list[str], cache: Cache, runs: int,
         f"`{n}` {k} of {total}" for n, k in entry_wins.items()) + ".")
     lines.insert(4, f"{which} beats the best tuned baseline on {wins} of {total} tasks.{each}\n")
     text = "\n".join(lines) + "\n"
-    (out / "paper.md").write_text(text)
+    target = out / "paper.md"
+    # The cache is not committed, so a fresh checkout holds the report but not the results
+    # behind it: a rerun there must not replace a report's rows with "not run yet".
+    lost = (table_rows(target.read_text()) - table_rows(text)) if target.exists() else set()
+    if lost and not force:
+        target = out / "paper.new.md"
+        print(f"warning: {out / 'paper.md'} has rows this cache lacks ("
+              + ", ".join(f"{t} x {s}" for t, s in sorted(lost))
+              + f"); wrote {target} instead (--force replaces paper.md)", file=sys.stderr)
+    target.write_text(text)
     print(text)
+
+
+def table_rows(text: str) -> set[tuple[str, int]]:
+    """The ``(task, steps)`` rows of a report's tables."""
+    rows = set()
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) > 2 and cells[1].isdigit():
+            rows.add((cells[0], int(cells[1])))
+    return rows
 
 
 def main() -> None:
@@ -393,6 +414,8 @@ def main() -> None:
                     help="learned contenders: zoo entry names or directories (default: "
                          + " ".join(LEARNED) + "; --quick: " + " ".join(LEARNED_QUICK)
                          + "); the ratio column takes the best RNNprop one")
+    ap.add_argument("--force", action="store_true",
+                    help="write paper.md even if it drops rows the existing one has")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0,

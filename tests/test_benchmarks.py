@@ -32,3 +32,25 @@ def test_paper_cache_shared_by_two_invocations_keeps_both_results(paper, tmp_pat
     assert not calls  # a cached result is never recomputed
     with pytest.raises(paper.Missing):
         paper.Cache(path).get("c")
+
+
+def test_paper_report_from_a_smaller_cache_does_not_replace_a_fuller_report(paper, tmp_path,
+                                                                            monkeypatch, capsys):
+    """The cache is not committed: a --report-only in a fresh checkout sees none of the rows
+    the committed paper.md has, and must leave that file alone (paper.new.md instead)."""
+    report = tmp_path / "paper.md"
+    old = ("# Paper experiments (full mode)\n\n| task | steps | adam | RNNprop / best baseline |\n"
+           "|---|---:|---:|---:|\n| mnist-nn-sigmoid | 100 | 0.2997 ± 0.018 @0.0442 | 0.88 |\n")
+    report.write_text(old)
+    assert paper.table_rows(old) == {("mnist-nn-sigmoid", 100)}
+    argv = ["paper.py", "--report-only", "--out", str(tmp_path), "--learned", "rnnprop-mnist"]
+    monkeypatch.setattr(sys, "argv", argv)
+    paper.main()
+    assert report.read_text() == old
+    new = (tmp_path / "paper.new.md").read_text()
+    assert "Not run yet" in new and "mnist-nn-sigmoid x 100" in new
+    err = capsys.readouterr().err
+    assert "has rows this cache lacks (mnist-nn-sigmoid x 100)" in err
+    monkeypatch.setattr(sys, "argv", [*argv, "--force"])
+    paper.main()
+    assert report.read_text() == new
