@@ -42,12 +42,6 @@ def expect_error(capsys, tmp_path, args, *needles):
     return lines[0]
 
 
-@pytest.fixture
-def data_dir(tmp_path):
-    x, y = blobs()
-    return write_csv(tmp_path / "data" / "train.csv", x, y).parent
-
-
 @pytest.fixture(autouse=True)
 def _cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)   # a default runs/ directory would appear here

@@ -7,11 +7,10 @@ import json
 
 import pytest
 import torch
-from test_fit_errors import expect_error
+from test_fit_errors import _cwd, expect_error  # noqa: F401  (_cwd: an autouse fixture)
 from test_fit_support import (  # noqa: F401  (zoo is a fixture)
     FAST,
     blobs,
-    write_csv,
     write_model,
     zoo,
 )
@@ -23,17 +22,6 @@ from autol2o.errors import UserError
 from autol2o.fit import load_model_file
 
 pytestmark = pytest.mark.usefixtures("zoo")
-
-
-@pytest.fixture
-def data_dir(tmp_path):
-    x, y = blobs()
-    return write_csv(tmp_path / "data" / "train.csv", x, y).parent
-
-
-@pytest.fixture(autouse=True)
-def _cwd(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
 
 
 def test_a_model_file_without_the_py_suffix_loads_like_one(tmp_path):
