@@ -54,3 +54,23 @@ def test_paper_report_from_a_smaller_cache_does_not_replace_a_fuller_report(pape
     monkeypatch.setattr(sys, "argv", [*argv, "--force"])
     paper.main()
     assert report.read_text() == new
+
+
+def test_cnn_horizon_runs_and_reports_every_contender(tmp_path, monkeypatch, capsys):
+    """The CNN long-horizon benchmark end to end on the bundled digits (a few steps): Adam's
+    tuned rate is the grid's best tuning score, and every contender gets a row."""
+    spec = importlib.util.spec_from_file_location("cnn_horizon", ROOT / "benchmarks" /
+                                                  "cnn_horizon.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "cnn.md"
+    monkeypatch.setattr(sys, "argv", ["cnn_horizon.py", "--task", "digits-cnn1", "--steps", "4",
+                                      "--runs", "2", "--tune-runs", "1", "--adam-grid=-8:-7",
+                                      "--entries", "rnnprop-mnist", "--out", str(out)])
+    module.main()
+    text = out.read_text()
+    tuning = dict(part.split(": ") for part in
+                  text.split("Adam's tuning losses: ")[1].strip().split(", "))
+    best = min(tuning, key=lambda k: float(tuning[k]))
+    assert f"| Adam (lr {best}) |" in text
+    assert "| rnnprop-mnist |" in text and (tmp_path / "cnn.png").is_file()
