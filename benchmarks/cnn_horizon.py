@@ -1,8 +1,8 @@
 """Learned optimizers on a paper CNN far past their meta-training horizon, against tuned Adam.
 
-Every zoo entry was meta-trained on MLP runs of 100 (``rnnprop-mlp300``: 300) steps; the paper
-and ``paper.py`` test the CNNs at 100 steps only, and Open-L2O reports RNNprop stalling on a
-ConvNet over long runs.  This runs one task (default ``mnist-cnn1``, the paper's first MNIST CNN)
+The default entries were meta-trained on MLP runs of 100 (``rnnprop-mlp300``: 300) steps; the
+paper and ``paper.py`` test the CNNs at 100 steps only, and Open-L2O reports RNNprop stalling on
+a ConvNet over long runs.  This runs one task (default ``mnist-cnn1``, the paper's first MNIST CNN)
 for ``--steps`` (default 1000) under the authors' protocol (:func:`autol2o.meta.evaluate`: same
 inits and minibatches for every contender; final loss = mean over the N minibatches of the loss
 at the final parameters).  Adam, the best tuned baseline on every CNN row of the full paper run,
@@ -88,8 +88,12 @@ def main() -> None:
         ok = res.final_losses[torch.isfinite(res.final_losses)]
         worst = f"{float(ok.max()):.4g}" if ok.numel() else "-"
         label = f"Adam (lr {best_lr:.4g})" if name == "adam" else name
-        lines.append(f"| {label} | {res.final_loss:.4g} ± {res.final_loss_std:.2g} | {worst} | "
-                     f"{res.final_loss / adam:.2f} | {res.diverged} |")
+        # as in paper.py, a contender with a diverged run has no ratio: its mean over the
+        # other runs would flatter it
+        ratio = (f"{res.final_loss / adam:.2f}" if not res.diverged and not results["adam"].diverged
+                 else "diverged")
+        loss = (f"{res.final_loss:.4g} ± {res.final_loss_std:.2g}" if ok.numel() else "diverged")
+        lines.append(f"| {label} | {loss} | {worst} | {ratio} | {res.diverged} |")
     lines += ["", "Adam's tuning losses: " + ", ".join(f"{lr:.4g}: {v:.4g}"
                                                       for lr, v in tuning.items()), ""]
     text = "\n".join(lines)
@@ -113,7 +117,8 @@ def _plot(results: dict[str, EvalResult], path: Path, task: str, steps: int) -> 
         # a 25-step running mean: single minibatch losses of a CNN are too noisy to read
         k = min(25, c.shape[0])
         m = torch.nn.functional.avg_pool1d(c.mean(1)[None, None], k, 1)[0, 0]
-        ax.plot(torch.arange(k, c.shape[0] + 1), m, "--" if name == "adam" else "-", label=name)
+        label = name + (f" ({res.diverged} diverged, not drawn)" if res.diverged else "")
+        ax.plot(torch.arange(k, c.shape[0] + 1), m, "--" if name == "adam" else "-", label=label)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (mean over runs, 25-step running mean)")

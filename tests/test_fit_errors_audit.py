@@ -40,13 +40,17 @@ def test_a_model_file_without_the_py_suffix_loads_like_one(tmp_path):
     ({"config": {"steps": "abc"}}, "bad 'config' (--steps must be an integer, got 'abc')"),
     ({"config": {"seed": -1}}, "bad 'config' (--seed must lie in [0, 2^32), got -1)"),
     ({"config": {}, "phases": []}, "not a run state ('phases' is not an object)"),
+    ({"config": {"device": None}}, "bad 'config' (--device must be a string, got None)"),
+    ({"config": {"baselines": "adam"}},
+     "bad 'config' (--baselines must be a list of names, got 'adam')"),
+    ({"config": {}, "inputs": {"model": 3}}, "not a run state (inputs model must be paths)"),
 ])
 def test_resume_of_a_state_json_of_the_wrong_shape(tmp_path, capsys, state, needle):
     run = tmp_path / "run"
     run.mkdir()
     (run / "state.json").write_text(json.dumps(state))
     line = expect_error(capsys, tmp_path, ["fit", "--resume", run], "state.json", needle)
-    assert "Error:" not in line and "KeyError" not in line
+    assert "Error:" not in line and "KeyError" not in line and "AttributeError" not in line
     assert json.loads((run / "state.json").read_text()) == state   # untouched
 
 
@@ -103,3 +107,21 @@ def test_a_garbage_numpy_file_is_not_called_a_pickle(tmp_path, capsys, name, wha
     line = expect_error(capsys, tmp_path, ["fit", model, data if what == "NPY" else bad, *FAST],
                         str(bad), f"not a valid {what} file (no {what} header)")
     assert "pickle" not in line
+
+
+def test_a_state_json_of_an_older_autol2o_still_reads(tmp_path):
+    """No race/race_all (older runs), None for the optional fields, an unknown extra key."""
+    from autol2o.fit.pipeline import read_state
+
+    (tmp_path / "state.json").write_text(json.dumps({
+        "config": {"steps": 10, "threads": None, "eval_every": None, "storage": None,
+                   "baselines": ["adam"], "retired_option": 1},
+        "inputs": {"model": "m.py", "data": None}, "phases": {}}))
+    assert read_state(tmp_path)["config"]["steps"] == 10
+
+
+def test_a_model_file_sees_its_spec_and_path_as_given(tmp_path):
+    src = write_model(tmp_path).read_text()
+    (tmp_path / "model.txt").write_text(src + "ORIGIN = __spec__.origin\nFILE = __file__\n")
+    g = load_model_file(tmp_path / "model.txt").factory.__globals__
+    assert g["ORIGIN"] == g["FILE"] == str(tmp_path / "model.txt")

@@ -648,7 +648,8 @@ def _finish(x, y, xv, yv, where, fmt, seed, task, val_fraction, *, tabular,
         both = y if yv is None else np.concatenate([y, yv])
         if both.dtype == object or both.dtype.kind == "f":
             if both.dtype.kind == "f" and not np.all(both == np.round(both)):
-                raise UserError(f"{where}: classification targets must be integers or names")
+                bad = where if not np.all(y == np.round(y)) else (val_where or where)
+                raise UserError(f"{bad}: classification targets must be integers or names")
             if both.dtype.kind == "f":
                 both = both.astype(np.int64)
                 y = y.astype(np.int64)

@@ -124,6 +124,16 @@ class FitConfig:
                 raise UserError(f"{flag} must be an integer, got {v!r}")
         if self.eval_every is not None and self.eval_every < 1:
             raise UserError(f"eval_every must be >= 1, got {self.eval_every}")
+        for k in ("device", "race"):
+            if not isinstance(getattr(self, k), str):
+                raise UserError(f"--{k} must be a string, got {getattr(self, k)!r}")
+        for k in ("optimizer", "storage", "study", "zoo"):
+            v = getattr(self, k)
+            if v is not None and not isinstance(v, str):
+                raise UserError(f"--{k} must be a string, got {v!r}")
+        if not isinstance(self.baselines, (tuple, list)) or not all(
+                isinstance(b, str) for b in self.baselines):
+            raise UserError(f"--baselines must be a list of names, got {self.baselines!r}")
         # sklearn's splits and numpy's generators take seeds in [0, 2^32)
         if not 0 <= self.seed < 2**32:
             raise UserError(f"--seed must lie in [0, 2^32), got {self.seed}")
@@ -160,7 +170,8 @@ class FitConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FitConfig:
         d = dict(d)
-        d["baselines"] = tuple(d.get("baselines", ("adam", "sgd")))
+        b = d.get("baselines", ("adam", "sgd"))
+        d["baselines"] = tuple(b) if isinstance(b, (list, tuple)) else b  # validate() names a bad one
         d.setdefault("race", "full")  # runs started before the halving race raced in full
         d.setdefault("race_all", True)  # ... and before cards could opt out, raced every entry
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
@@ -232,10 +243,13 @@ def read_state(run_dir: Path) -> dict[str, Any]:
     for k in ("inputs", "phases"):
         if k in state and not isinstance(state[k], dict):
             raise UserError(f"{f}: not a run state ('{k}' is not an object)")
+    bad = [k for k, v in state.get("inputs", {}).items() if v is not None and not isinstance(v, str)]
+    if bad:
+        raise UserError(f"{f}: not a run state (inputs {', '.join(bad)} must be paths)")
     try:
         cfg = FitConfig.from_dict(state["config"])
         cfg.validate()
-    except (TypeError, ValueError, UserError) as e:
+    except (TypeError, ValueError, AttributeError, UserError) as e:
         why = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
         raise UserError(f"{f}: bad 'config' ({' '.join(why.split())})") from e
     return state

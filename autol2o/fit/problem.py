@@ -14,8 +14,9 @@ Default losses: cross-entropy for classification, mean squared error for regress
 from __future__ import annotations
 
 import copy
+import importlib.machinery
+import importlib.util
 import sys
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,10 +102,11 @@ def load_model_file(path: str | Path) -> UserModel:
         code = compile(source, str(p), "exec")
     except SyntaxError as e:
         raise UserError(f"{p}: syntax error at line {e.lineno}: {e.msg}") from e
-    # A plain module object, not importlib's file spec: that spec exists only for a .py suffix,
-    # and the file is compiled above whatever its name (model.txt, a script without suffix).
-    module = types.ModuleType(mod_name)
-    module.__file__ = str(p.resolve())
+    # An explicit source loader: importlib infers one from the suffix only for *.py, and the
+    # file is compiled above whatever its name (model.txt, a script without a suffix).
+    loader = importlib.machinery.SourceFileLoader(mod_name, str(p))
+    spec = importlib.util.spec_from_file_location(mod_name, p, loader=loader)
+    module = importlib.util.module_from_spec(spec)
     # Let MODEL.py import its neighbours, as `python MODEL.py` would; an argparse at import time
     # sees no arguments (autol2o's own are not the model's).
     sys.path.insert(0, str(p.parent.resolve()))

@@ -77,8 +77,10 @@ def train_to_zoo(rule_name: str, task_names: list[str], config: TrainConfig, out
             raise UserError(f"{ckpt}: an interrupted run's checkpoint is here (use --resume to "
                             "continue it, or --overwrite to start over)")
         # a folder of something else (a typo'd --out): the entry must not land among its files.
-        # checkpoint/ is this command's own (under torchrun rank 0 may have made it already)
-        if out.is_dir() and any(p.name != "checkpoint" for p in out.iterdir()):
+        # checkpoint/ is this command's own (under torchrun rank 0 may have made it already);
+        # dot-files (.gitkeep, .DS_Store) are no one's data
+        if out.is_dir() and any(p.name != "checkpoint" and not p.name.startswith(".")
+                                for p in out.iterdir()):
             raise UserError(f"{out}: exists, is not empty and holds no zoo entry (choose a new "
                             "--out, or --overwrite to write the entry into it)")
     options = dict(rule_options or {})

@@ -200,7 +200,10 @@ def verified_weights(entry_dir: Path, card: dict[str, Any]) -> bytes:
     wpath = Path(entry_dir) / WEIGHTS_FILE
     if not wpath.is_file():
         raise ZooError(f"{wpath}: weights file missing")
-    data = wpath.read_bytes()
+    try:
+        data = wpath.read_bytes()
+    except OSError as exc:
+        raise ZooError(f"{wpath}: cannot read ({exc.strerror or exc})") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != card["sha256"].lower():
         raise ZooError(f"{wpath}: sha256 mismatch, file is corrupt or tampered "
