@@ -30,8 +30,8 @@ evaluations are computed (results are keyed by each entry's checksum).
 Results: ``benchmarks/results/paper.md`` and ``benchmarks/results/paper-*.png``; every single
 evaluation is cached in ``paper-cache-{quick,full}.json`` so an interrupted run resumes where it
 stopped.  The cache is not committed: in a fresh checkout a rerun sees none of the committed
-report's rows, so a report that would lose rows goes to ``paper.new.md`` (``--force`` replaces
-``paper.md``).
+report's rows, so a report that would lose rows or contenders goes to ``paper.new.md``
+(``--force`` replaces ``paper.md``).
 """
 
 from __future__ import annotations
@@ -379,25 +379,31 @@ def write_report(out: Path, tables, missing: list[str], cache: Cache, runs: int,
     text = "\n".join(lines) + "\n"
     target = out / "paper.md"
     # The cache is not committed, so a fresh checkout holds the report but not the results
-    # behind it: a rerun there must not replace a report's rows with "not run yet".
+    # behind it: a rerun there must not replace a report's rows with "not run yet" (nor drop
+    # contenders' columns, with fewer --learned).
     lost = (table_rows(target.read_text()) - table_rows(text)) if target.exists() else set()
     if lost and not force:
         target = out / "paper.new.md"
-        print(f"warning: {out / 'paper.md'} has rows this cache lacks ("
-              + ", ".join(f"{t} x {s}" for t, s in sorted(lost))
+        print(f"warning: {out / 'paper.md'} has results the new report lacks ("
+              + ", ".join(sorted({f"{t} x {s}" for t, s, _ in lost}))
+              + "; contenders " + ", ".join(sorted({c for _, _, c in lost}))
               + f"); wrote {target} instead (--force replaces paper.md)", file=sys.stderr)
     target.write_text(text)
     print(text)
 
 
-def table_rows(text: str) -> set[tuple[str, int]]:
-    """The ``(task, steps)`` rows of a report's tables."""
-    rows = set()
+def table_rows(text: str) -> set[tuple[str, int, str]]:
+    """The ``(task, steps, contender)`` results of a report's tables (a contender's column
+    counts as much as a task's row: a rerun with fewer ``--learned`` entries also loses some)."""
+    cells_of = []
+    header: list[str] = []
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.startswith("| ") and len(cells) > 2 and cells[1].isdigit():
-            rows.add((cells[0], int(cells[1])))
-    return rows
+        if line.startswith("| task | steps |"):
+            header = cells
+        elif line.startswith("| ") and len(cells) > 2 and cells[1].isdigit():
+            cells_of += [(cells[0], int(cells[1]), name) for name in header[2:-1]]
+    return set(cells_of)
 
 
 def main() -> None:

@@ -42,7 +42,9 @@ def test_paper_report_from_a_smaller_cache_does_not_replace_a_fuller_report(pape
     old = ("# Paper experiments (full mode)\n\n| task | steps | adam | RNNprop / best baseline |\n"
            "|---|---:|---:|---:|\n| mnist-nn-sigmoid | 100 | 0.2997 ± 0.018 @0.0442 | 0.88 |\n")
     report.write_text(old)
-    assert paper.table_rows(old) == {("mnist-nn-sigmoid", 100)}
+    assert paper.table_rows(old) == {("mnist-nn-sigmoid", 100, "adam")}
+    # a contender's column counts too: the same row without it loses a result
+    assert paper.table_rows(old.replace(" adam |", " sgd |")) == {("mnist-nn-sigmoid", 100, "sgd")}
     argv = ["paper.py", "--report-only", "--out", str(tmp_path), "--learned", "rnnprop-mnist"]
     monkeypatch.setattr(sys, "argv", argv)
     paper.main()
@@ -50,7 +52,7 @@ def test_paper_report_from_a_smaller_cache_does_not_replace_a_fuller_report(pape
     new = (tmp_path / "paper.new.md").read_text()
     assert "Not run yet" in new and "mnist-nn-sigmoid x 100" in new
     err = capsys.readouterr().err
-    assert "has rows this cache lacks (mnist-nn-sigmoid x 100)" in err
+    assert "has results the new report lacks (mnist-nn-sigmoid x 100; contenders adam)" in err
     monkeypatch.setattr(sys, "argv", [*argv, "--force"])
     paper.main()
     assert report.read_text() == new
