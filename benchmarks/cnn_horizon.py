@@ -25,15 +25,11 @@ from pathlib import Path
 import torch
 
 from autol2o.meta import build_task
-from autol2o.meta.evaluate import EvalResult, baseline, evaluate, sqrt2_grid
+from autol2o.meta.evaluate import EvalResult, baseline, evaluate, sqrt2_grid, tune_lr, tuning_score
 from autol2o.zoo import load_rule
 
 RESULTS = Path(__file__).parent / "results"
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-
-
-def _score(res: EvalResult) -> float:
-    return math.inf if res.diverged else res.final_loss
 
 
 def main() -> None:
@@ -58,12 +54,9 @@ def main() -> None:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    tuning = {}
-    for lr in sqrt2_grid(lo, hi):
-        tuning[lr] = _score(evaluate(baseline("adam", lr), task, args.steps, args.tune_runs,
-                                     seed=1))
-        log(f"adam lr {lr:.4g}: tuning loss {tuning[lr]:.4g}")
-    best_lr = min(tuning, key=tuning.get)
+    best_lr, tuned = tune_lr(lambda lr: baseline("adam", lr), task, args.steps,
+                             sqrt2_grid(lo, hi), args.tune_runs, seed=1, log=log)
+    tuning = {lr: tuning_score(res) for lr, res in tuned.items()}
     results: dict[str, EvalResult] = {
         "adam": evaluate(baseline("adam", best_lr), task, args.steps, args.runs, seed=0)}
     log(f"adam @ {best_lr:.4g}: {results['adam'].final_loss:.4g}")

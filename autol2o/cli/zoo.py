@@ -70,9 +70,10 @@ def list_cmd(root: RootOpt = None, as_json: JsonOpt = False) -> None:
     from autol2o.errors import UserError
     from autol2o.zoo import ZooError, list_entries, verified_weights, zoo_root
 
-    if not zoo_root(root).is_dir():
-        raise UserError(f"{zoo_root(root)}: zoo directory not found")
-    entries = list_entries(root)
+    base = zoo_root(root)
+    if not base.is_dir():
+        raise UserError(f"{base}: zoo directory not found")
+    entries = list_entries(base)
     for e in entries:  # the listing vouches for what `fit` will load: check every checksum
         if e.error is None:
             try:
@@ -84,15 +85,15 @@ def list_cmd(root: RootOpt = None, as_json: JsonOpt = False) -> None:
         typer.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        typer.echo(f"no zoo entries in {zoo_root(root)}", err=True)
+        typer.echo(f"no zoo entries in {base}", err=True)
         return
     con = _console()
     if con.width < WIDE_TABLE:
-        _print_entries(con, rows, zoo_root(root))
+        _print_entries(con, rows, base)
         return
     from rich.table import Table
 
-    table = Table(title=f"autol2o zoo ({zoo_root(root)})")
+    table = Table(title=f"autol2o zoo ({base})")
     for col in ("name", "rule", "trained on", "horizon", "meta-iters", "size", "raced",
                 "headline result"):
         # a name must not wrap ("rnnprop-l / ong"); the long cells fold

@@ -622,13 +622,13 @@ def _finish(x, y, xv, yv, where, fmt, seed, task, val_fraction, *, tabular,
     _check(x, y, where)
     y, task = _labels(y, where, task)
     _check_targets(y, where)
+    vw = val_where or where  # the API's validation data have their own name: blame it
     if xv is not None:
         xv, yv = np.asarray(xv), np.asarray(yv)
         if reshape and xv.ndim == 1:
             xv = xv[:, None]
         if yv.ndim == 2 and yv.shape[1] == 1:
             yv = yv[:, 0]
-        vw = val_where or where  # the API's validation data have their own name: blame it
         _check(xv, yv, vw)
         if xv.shape[1:] != x.shape[1:]:
             raise UserError(f"{vw}: validation inputs have shape {xv.shape[1:]}, "
@@ -648,7 +648,7 @@ def _finish(x, y, xv, yv, where, fmt, seed, task, val_fraction, *, tabular,
         both = y if yv is None else np.concatenate([y, yv])
         if both.dtype == object or both.dtype.kind == "f":
             if both.dtype.kind == "f" and not np.all(both == np.round(both)):
-                bad = where if not np.all(y == np.round(y)) else (val_where or where)
+                bad = where if not np.all(y == np.round(y)) else vw
                 raise UserError(f"{bad}: classification targets must be integers or names")
             if both.dtype.kind == "f":
                 both = both.astype(np.int64)
