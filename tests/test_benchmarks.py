@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,3 +78,53 @@ def test_cnn_horizon_runs_and_reports_every_contender(tmp_path, monkeypatch, cap
     chosen = text.split("| Adam (lr ")[1].split(")")[0]
     assert tuning[chosen] == min(tuning.values())   # (printed to 4 digits: a tie is allowed)
     assert "| rnnprop-mnist |" in text and (tmp_path / "cnn.png").is_file()
+
+
+@pytest.fixture(scope="module")
+def alignment():
+    spec = importlib.util.spec_from_file_location("objective_alignment",
+                                                  ROOT / "benchmarks" / "objective_alignment.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_objective_alignment_scores_what_the_trainer_and_the_protocol_score(alignment):
+    """J's terms are the trainer's own meta-losses (tricks on, same seeds: same scales, convex
+    targets and minibatches), and with the tricks off the protocol's training-loss curve."""
+    from autol2o.meta import build_task
+    from autol2o.meta.evaluate import evaluate, run_seeds
+    from autol2o.meta.trainer import TrainConfig, _Run
+    from autol2o.zoo import load_rule
+
+    task, rule = build_task("mlp-digits"), load_rule("rnnprop-mnist")
+    seeds = run_seeds(5, 3)
+    ends = alignment.segment_losses(rule, task, seeds, 8, 4, 3.0, True)
+    config = TrainConfig(horizon=8, unroll=4, random_scaling=3.0, convex_combination=True,
+                         validate_every=0)
+    run = _Run([task], rule, config, 0, seeds, 8)
+    trainer = [run.unroll(rule, 4, "last").detach() for _ in range(2)]
+    assert ends.shape == (2, 3)
+    assert torch.allclose(ends, torch.stack(trainer), rtol=1e-5, atol=1e-6)
+    plain = alignment.segment_losses(rule, task, seeds, 8, 4, 0.0, False)
+    curves = evaluate(rule, task, steps=9, runs=3, seed=5).curves
+    assert torch.allclose(plain, curves[[4, 8]], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(plain, ends)   # the tricks change the objective
+
+
+def test_objective_alignment_report(alignment, tmp_path, monkeypatch):
+    assert alignment.spearman([1.0, 2.0, 3.0], [10.0, 30.0, 20.0]) == pytest.approx(0.5)
+    assert alignment.spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    out = tmp_path / "oa.md"
+    monkeypatch.setattr(sys, "argv", ["objective_alignment.py", "--task", "mlp-digits",
+                                      "--horizon", "6", "--unroll", "3", "--runs", "2", "--entries",
+                                      "rnnprop-mnist,rnnprop-mix,rnnprop-mnist-v4", "--out", str(out)])
+    alignment.main()
+    text = out.read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| `")]
+    assert sorted(r.split("`")[1] for r in rows) == ["rnnprop-mix", "rnnprop-mnist",
+                                                     "rnnprop-mnist-v4"]
+    evals = [float(r.split("|")[2]) for r in rows]
+    assert evals == sorted(evals)     # best evaluation first
+    assert rows[0].split("|")[4].strip().startswith("+0.0000")   # J_paper - best, for the best
+    assert "Spearman rank correlation" in text
