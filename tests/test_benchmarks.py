@@ -113,18 +113,27 @@ def test_objective_alignment_scores_what_the_trainer_and_the_protocol_score(alig
 
 
 def test_objective_alignment_report(alignment, tmp_path, monkeypatch):
-    assert alignment.spearman([1.0, 2.0, 3.0], [10.0, 30.0, 20.0]) == pytest.approx(0.5)
-    assert alignment.spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1.0)
+    ref = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    # paired: a constant shift has no spread, however much the instances differ
+    assert alignment.paired_difference(ref + 0.1, ref) == pytest.approx((0.1, 0.0), abs=1e-6)
+    mean, se = alignment.paired_difference(torch.tensor([1.2, 2.0, 3.4, float("nan")]), ref)
+    assert mean == pytest.approx(0.2) and se == pytest.approx(0.2 / 3 ** 0.5)  # nan run dropped
+    assert alignment.mean_se(torch.tensor([1.0, float("inf")]))[2] == 1
+    assert alignment.fmt_se(0.5, float("nan")) == "+0.5000"
     out = tmp_path / "oa.md"
-    monkeypatch.setattr(sys, "argv", ["objective_alignment.py", "--task", "mlp-digits",
-                                      "--horizon", "6", "--unroll", "3", "--runs", "2", "--entries",
-                                      "rnnprop-mnist,rnnprop-mix,rnnprop-mnist-v4", "--out", str(out)])
+    entries = ["rnnprop-mnist", "rnnprop-mix", "rnnprop-mnist-v2", "rnnprop-mnist-v3",
+               "rnnprop-mnist-v4"]
+    argv = ["objective_alignment.py", "--task", "mlp-digits", "--horizon", "6", "--unroll", "3",
+            "--runs", "2", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", [*argv, "--entries", ",".join(entries)])
     alignment.main()
     text = out.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| `")]
-    assert sorted(r.split("`")[1] for r in rows) == ["rnnprop-mix", "rnnprop-mnist",
-                                                     "rnnprop-mnist-v4"]
+    assert sorted(r.split("`")[1] for r in rows) == sorted(entries)
     evals = [float(r.split("|")[2]) for r in rows]
     assert evals == sorted(evals)     # best evaluation first
     assert rows[0].split("|")[4].strip().startswith("+0.0000")   # J_paper - best, for the best
-    assert "Spearman rank correlation" in text
+    assert "Spearman rank correlation with `eval` over the 5 entries" in text
+    monkeypatch.setattr(sys, "argv", [*argv, "--entries", ",".join(entries[:3])])
+    alignment.main()
+    assert "Spearman" not in out.read_text()   # too few entries to rank

@@ -175,7 +175,9 @@ def train_cmd(
     unroll: Annotated[int, typer.Option(
         help="Steps per truncated-BPTT segment (<= the horizon; a curriculum stage shorter "
              "than it is unrolled whole).")] = 20,
-    iterations: Annotated[int, typer.Option(help="Meta-iterations (runs per instance batch).")] = 200,
+    iterations: Annotated[int, typer.Option(
+        help="Meta-iterations: meta-updates, one per unroll (a run of --horizon steps takes "
+             "horizon/unroll of them).")] = 200,
     batch: Annotated[int, typer.Option(help="Optimizee instances trained at once.")] = 8,
     meta_lr: Annotated[float, typer.Option("--meta-lr", help="Adam learning rate on meta-weights.")] = 1e-3,
     lr_schedule: Annotated[str, typer.Option(
