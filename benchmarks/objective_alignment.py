@@ -91,8 +91,9 @@ def paired_difference(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]
     return mean_se(x - ref)[:2]
 
 
-def fmt_se(mean: float, se: float) -> str:
-    return f"{mean:+.4f}" + ("" if se != se else f" (+-{se:.4f})")
+def fmt_se(mean: float, se: float, signed: bool = True) -> str:
+    """``mean (+-se)`` to 4 decimals; the s.e. left out where it is nan (one instance)."""
+    return f"{mean:{'+' if signed else ''}.4f}" + ("" if se != se else f" (+-{se:.4f})")
 
 
 def main() -> None:
@@ -113,7 +114,6 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.horizon % args.unroll:
         sys.exit(f"--horizon {args.horizon} is not a multiple of --unroll {args.unroll}")
-    torch.manual_seed(0)
     task = build_task(args.task, data_dir=args.data_dir)
     seeds = run_seeds(args.seed, args.runs)
     entries = [e for e in args.entries.split(",") if e]
@@ -128,10 +128,11 @@ def main() -> None:
         noscale = segment_losses(rule, task, seeds, args.horizon, args.unroll, 0.0, True)
         per_run = paper.mean(0)
         j_paper, se_paper, bad = mean_se(per_run)
+        j_noscale, _, bad_noscale = mean_se(noscale.mean(0))
         row = {"entry": Path(name).name, "eval": ev.final_loss, "J_paper": j_paper,
                "se_paper": se_paper, "J_paper@100": mean_se(paper[-1])[0],
-               "J_noscale": mean_se(noscale.mean(0))[0], "per_run": per_run,
-               "diverged": f"{ev.diverged} / {bad} / {mean_se(noscale.mean(0))[2]}"}
+               "J_noscale": j_noscale, "per_run": per_run,
+               "diverged": f"{ev.diverged} / {bad} / {bad_noscale}"}
         rows.append(row)
         print(f"{row['entry']:<24} eval {row['eval']:.4f}  J_paper {row['J_paper']:.4f} "
               f"(+-{row['se_paper']:.4f})  J_paper@100 {row['J_paper@100']:.4f}  "
@@ -161,8 +162,7 @@ def main() -> None:
     best = min(rows, key=lambda r: r["eval"])["per_run"]
     for r in sorted(rows, key=lambda r: r["eval"]):
         paired = fmt_se(*paired_difference(r["per_run"], best))
-        j_paper = f"{r['J_paper']:.4f}" + ("" if r["se_paper"] != r["se_paper"]
-                                            else f" (+-{r['se_paper']:.4f})")
+        j_paper = fmt_se(r["J_paper"], r["se_paper"], signed=False)
         lines.append(f"| `{r['entry']}` | {r['eval']:.4f} | {j_paper} | {paired} | {r['J_paper@100']:.4f} "
                      f"| {r['J_noscale']:.4f} | {r['diverged']} |")
     if len(rows) >= 5:  # below that a rank correlation says nothing (n = 3: p = 0 at +-1)

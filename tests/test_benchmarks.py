@@ -11,13 +11,19 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def paper():
-    spec = importlib.util.spec_from_file_location("paper_bench", ROOT / "benchmarks" / "paper.py")
+def load_benchmark(name: str, module_name: str | None = None):
+    """``benchmarks/NAME.py`` as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(module_name or name,
+                                                  ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return load_benchmark("paper", "paper_bench")
 
 
 def test_paper_cache_shared_by_two_invocations_keeps_both_results(paper, tmp_path):
@@ -62,10 +68,7 @@ def test_paper_report_from_a_smaller_cache_does_not_replace_a_fuller_report(pape
 def test_cnn_horizon_runs_and_reports_every_contender(tmp_path, monkeypatch, capsys):
     """The CNN long-horizon benchmark end to end on the bundled digits (a few steps): Adam's
     tuned rate is the grid's best tuning score, and every contender gets a row."""
-    spec = importlib.util.spec_from_file_location("cnn_horizon", ROOT / "benchmarks" /
-                                                  "cnn_horizon.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("cnn_horizon")
     out = tmp_path / "cnn.md"
     monkeypatch.setattr(sys, "argv", ["cnn_horizon.py", "--task", "digits-cnn1", "--steps", "4",
                                       "--runs", "2", "--tune-runs", "1", "--adam-grid=-8:-7",
@@ -82,11 +85,7 @@ def test_cnn_horizon_runs_and_reports_every_contender(tmp_path, monkeypatch, cap
 
 @pytest.fixture(scope="module")
 def alignment():
-    spec = importlib.util.spec_from_file_location("objective_alignment",
-                                                  ROOT / "benchmarks" / "objective_alignment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("objective_alignment")
 
 
 def test_objective_alignment_scores_what_the_trainer_and_the_protocol_score(alignment):
